@@ -1,0 +1,46 @@
+# The two commands: `make demo` (the main job) and `make test` (install + suite).
+# Everything else is set up by these targets on a fresh machine.
+
+PY      ?= python3
+VENV    := .venv
+VPY     := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+PYTEST  := $(VPY) -m pytest
+
+.PHONY: all install build test test-pure demo bench clean
+
+all: test
+
+$(VPY):
+	$(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip setuptools wheel
+
+$(STAMP): $(VPY) pyproject.toml setup.py
+	$(VPY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Rebuild the extension whenever the Cython sources change.
+core/_fastpath.stamp: $(STAMP) $(wildcard core/*.pyx core/*.pxd core/*.pxi)
+	$(VPY) setup.py -q build_ext --inplace
+	touch $@
+
+build: core/_fastpath.stamp
+
+test: build
+	$(PYTEST) -q -m "not slow"
+	BUS_NO_EXTENSIONS=1 $(PYTEST) -q -m "not slow" tests/core tests/bus/test_protocol.py
+
+test-pure: build
+	BUS_NO_EXTENSIONS=1 $(PYTEST) -q -m "not slow"
+
+demo: build
+	$(VPY) -m tools.demo
+
+bench: build
+	$(PYTEST) benchmarks -m "slow or not slow" --benchmark-enable --benchmark-columns=min,median,mean,ops,rounds -p no:cacheprovider
+	$(VPY) benchmarks/perf_relay.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info core/_fastpath.c core/_fastpath*.so core/_fastpath.stamp core/_fastpath.html

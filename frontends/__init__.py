@@ -1,0 +1,3 @@
+"""snsbus frontends package."""
+
+__all__: list[str] = []

@@ -1,0 +1,3 @@
+"""snsbus manager package."""
+
+__all__: list[str] = []

@@ -1,0 +1,3 @@
+"""snsbus nodes package."""
+
+__all__: list[str] = []

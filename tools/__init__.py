@@ -1,0 +1,3 @@
+"""snsbus tools package."""
+
+__all__: list[str] = []
