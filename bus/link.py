@@ -1,0 +1,133 @@
+"""A logical node's sockets on both planes, wired to its tree protocol.
+
+:class:`NodeLink` implements ``bus.tree.Transport`` with the sockets of
+``bus.planes.SocketFactory`` served by a shared ``bus.planes.PlaneLoop``: a
+control ROUTER and a data ROUTER bound on their own ports (children connect
+there), and a control DEALER to the current parent, replaced on every re-parent
+with a fresh routing id so the new parent never confuses it with a stale peer.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+from bus import protocol as p
+from bus.planes import PeerUnreachable, PlaneLoop, SocketFactory, endpoint_of
+
+__all__ = ["NodeLink"]
+
+
+def _identity() -> bytes:
+    # libzmq reserves routing ids starting with a zero byte.
+    return b"\x01" + os.urandom(7)
+
+
+def _advertised(endpoint: str, host: str | None) -> str:
+    if not host:
+        return endpoint
+    proto, _, rest = endpoint.partition("://")
+    port = rest.rsplit(":", 1)[-1]
+    return f"{proto}://{host}:{port}"
+
+
+class NodeLink:
+    """Transport of one TreeNode; also usable by the root (which has no parent)."""
+
+    def __init__(self, factory: SocketFactory, loop: PlaneLoop, *, control_bind: str, data_bind: str,
+                 advertise_host: str | None = None):
+        self.factory = factory
+        self.loop = loop
+        self._control_bind = control_bind
+        self._data_bind = data_bind
+        self._advertise = advertise_host
+        self.router = None
+        self.data = None
+        self.dealer = None
+        self.control_endpoint = ""
+        self.data_endpoint = ""
+        self.on_child: Callable[[bytes, p.Message], None] | None = None
+        self.on_parent: Callable[[p.Message], None] | None = None
+        self.on_data: Callable[[bytes, p.Message], None] | None = None
+        self.counters = {"data_unhandled": 0, "parent_swaps": 0}
+
+    def open(self) -> None:
+        """Bind both ROUTERs and start serving them (the PlaneLoop may run already)."""
+        self.router = self.factory.control_router(self._control_bind)
+        self.data = self.factory.data_router(self._data_bind)
+        self.control_endpoint = _advertised(endpoint_of(self.router), self._advertise)
+        self.data_endpoint = _advertised(endpoint_of(self.data), self._advertise)
+        self.loop.add(self.router, p.Plane.CONTROL, self._children_batch)
+        self.loop.add(self.data, p.Plane.DATA, self._data_batch)
+
+    def close(self, linger: int = 0) -> None:
+        """Stop serving and close every socket (``linger`` ms to flush what is queued)."""
+        self.disconnect_parent(linger)
+        for sock in (self.router, self.data):
+            if sock is not None and not sock.closed:
+                self._forget(sock)
+                sock.close(linger)
+        self.router = self.data = None
+
+    def _forget(self, sock) -> None:
+        try:
+            self.loop.remove(sock)
+        except ValueError:
+            pass  # not registered (any more)
+
+    # -- Transport ------------------------------------------------------------
+    def connect_parent(self, endpoint: str) -> None:
+        self.disconnect_parent()
+        self.dealer = self.factory.control_dealer(endpoint, _identity())
+        self.loop.add(self.dealer, p.Plane.CONTROL, self._parent_batch, name=endpoint)
+        self.counters["parent_swaps"] += 1
+
+    def disconnect_parent(self, linger: int = 0) -> None:
+        if self.dealer is not None:
+            self._forget(self.dealer)
+            self.dealer.close(linger)
+            self.dealer = None
+
+    def send_parent(self, frames: list) -> bool:
+        if self.dealer is None:
+            return False
+        return self.loop.send(self.dealer, frames)
+
+    def send_child(self, identity: bytes, frames: list) -> bool:
+        if self.router is None:
+            return False
+        try:
+            return self.loop.send(self.router, [identity, *frames])
+        except PeerUnreachable:
+            return False  # the child's connection is gone: the caller drops it
+
+    # -- receiving ------------------------------------------------------------
+    def _children_batch(self, batch: list) -> None:
+        decode = self.loop.decode
+        router = self.router
+        for frames in batch:
+            got = decode(router, frames)
+            if got is not None and self.on_child is not None:
+                self.on_child(bytes(got[0][0]), got[1])
+
+    def _parent_batch(self, batch: list) -> None:
+        dealer = self.dealer
+        if dealer is None:
+            return
+        decode = self.loop.decode
+        for frames in batch:
+            got = decode(dealer, frames)
+            if got is not None and self.on_parent is not None:
+                self.on_parent(got[1])
+            if self.dealer is not dealer:
+                return  # the handler re-parented us: the rest of the batch is stale
+
+    def _data_batch(self, batch: list) -> None:
+        if self.on_data is None:
+            self.counters["data_unhandled"] += len(batch)
+            return
+        decode = self.loop.decode
+        for frames in batch:
+            got = decode(self.data, frames)
+            if got is not None:
+                self.on_data(bytes(got[0][0]), got[1])

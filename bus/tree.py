@@ -1,0 +1,654 @@
+"""The overlay tree protocol of one logical node (RandTree, then better).
+
+Sans-socket: a :class:`TreeNode` is fed decoded control messages
+(:meth:`on_parent`, :meth:`on_child`) and clock ticks (:meth:`tick`), and acts
+through a :class:`Transport` (``bus.link`` implements it on ZeroMQ; tests use a
+fake).  The fast path keeps the routing table, the broadcast dedup window and
+the convergecast bookkeeping; policies (placement, failure detection, backoff)
+are the pure functions of ``bus.policy``.  Messages and timers are described in
+docs/architecture.md ("The overlay tree").
+
+States: ``detached`` -> ``joining`` -> ``attached``; a silent parent makes the
+node ``joining`` again (grandparent first, then the root) *with its subtree*;
+``stopped`` is final.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass, field, replace
+from typing import Awaitable, Callable, Protocol
+
+from bus import policy
+from bus import protocol as p
+from bus.policy import TreeConfig
+from core import fastpath as fp
+
+__all__ = ["Transport", "TreeNode", "Child", "OpResult", "ROOT_ID"]
+
+log = logging.getLogger(__name__)
+
+ROOT_ID = 1  # the manager is always node 1
+
+DETACHED, JOINING, ATTACHED, STOPPED = "detached", "joining", "attached", "stopped"
+
+Handler = Callable[["TreeNode", dict, float], Awaitable[object]]
+
+
+class Transport(Protocol):
+    """What a tree node needs from the sockets below it."""
+
+    control_endpoint: str
+    data_endpoint: str
+
+    def connect_parent(self, endpoint: str) -> None: ...
+
+    def disconnect_parent(self) -> None: ...
+
+    def send_parent(self, frames: list) -> bool: ...
+
+    def send_child(self, identity: bytes, frames: list) -> bool: ...
+
+
+@dataclass
+class Child:
+    identity: bytes
+    node_id: int
+    name: str
+    control: str
+    data: str
+    last_heard: float
+
+
+@dataclass
+class OpResult:
+    """Merged outcome of a convergecast: value groups and named gaps."""
+
+    groups: dict = field(default_factory=dict)  # packed value -> [value, [ids]]
+    missing: dict = field(default_factory=dict)  # id -> reason
+
+
+@dataclass
+class _Op:
+    op_id: int
+    link_ids: dict  # link -> ids behind it when the op was opened
+    result: OpResult
+    local_done: bool
+    reply_dst: int  # the parent for a broadcast, the originator for a unicast; 0 = nobody
+    future: asyncio.Future | None = None
+    task: asyncio.Task | None = None
+
+
+class TreeNode:
+    """One logical node's view of the tree: parent, children, routes, operations."""
+
+    def __init__(
+        self,
+        name: str,
+        transport: Transport,
+        *,
+        config: TreeConfig = TreeConfig(),
+        root_endpoint: str | None = None,
+        attrs: dict | None = None,
+        handlers: dict[str, Handler] | None = None,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.name = name
+        self.transport = transport
+        self.config = config
+        self.attrs = dict(attrs or {})
+        self.handlers = dict(handlers or {})
+        self.rng = rng or random.Random()
+        self.clock = clock
+        self.codec = p.new_codec()
+        self.routes = fp.RoutingTable()
+        self.forwarder = fp.Forwarder(0, self.codec, self.routes)
+        self.aggregator = fp.Aggregator()
+        self.node_id = 0
+        self.state = DETACHED
+        self.depth = 0
+        self.parent_id = 0
+        self.parent_endpoint: str | None = None
+        self.grandparent_endpoint: str | None = None
+        self.root_endpoint = root_endpoint
+        self.root_id = ROOT_ID
+        self.epoch = 0  # root incarnation we last heard of
+        self.registered_epoch = -1
+        self.children: dict[int, Child] = {}
+        self._links: dict[bytes, int] = {}
+        self._next_link = 0
+        self._parent_heard = 0.0
+        self._last_beat = 0.0
+        self._ops: dict[int, _Op] = {}
+        self._tasks: set[asyncio.Task] = set()
+        # join state
+        self._candidates: list[str] = []
+        self._join_deadline = 0.0
+        self._join_at = 0.0
+        self._attempt = 0
+        self._redirects = 0
+        self._orphaned_at: float | None = None
+        self.counters = {
+            "joins": 0,
+            "rejoins": 0,
+            "redirects": 0,
+            "children_lost": 0,
+            "parent_lost": 0,
+            "heartbeats_sent": 0,
+            "ops": 0,
+            "ops_expired": 0,
+            "unknown_peer": 0,
+        }
+
+    # -- lifecycle -------------------------------------------------------------
+    @property
+    def is_root(self) -> bool:
+        return False
+
+    def start(self) -> None:
+        """Begin joining through the root endpoint (no-op for the root)."""
+        if not self.root_endpoint:
+            raise ValueError("a node needs the root's control endpoint to join")
+        self._begin_join([self.root_endpoint], self.clock())
+
+    async def stop(self) -> None:
+        """Leave cleanly: tell the parent and children, cancel every task."""
+        if self.state == STOPPED:
+            return
+        if self.state == ATTACHED and not self.is_root:
+            self.transport.send_parent(p.encode(p.MsgType.LEAVE, {"id": self.node_id}, src=self.node_id))
+        bye = p.encode(p.MsgType.JOIN_REJECT, {"reason": "parent leaving"}, src=self.node_id)
+        for child in list(self.children.values()):
+            self.transport.send_child(child.identity, bye)
+        self.state = STOPPED
+        for op in self._ops.values():
+            if op.future is not None and not op.future.done():
+                op.future.cancel()
+        tasks = list(self._tasks)
+        for t in tasks:
+            t.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        self.transport.disconnect_parent()
+
+    def _spawn(self, coro) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # -- joining (as a child) -------------------------------------------------------
+    def _begin_join(self, candidates: list[str], now: float) -> None:
+        seen = set()
+        own = self.transport.control_endpoint
+        self._candidates = [c for c in candidates if c and c != own and not (c in seen or seen.add(c))]
+        self.state = JOINING
+        self._redirects = 0
+        self._join_at = now
+        self._join_deadline = 0.0
+
+    def _try_next_candidate(self, now: float) -> None:
+        if not self._candidates:
+            # Every candidate failed: back off (with jitter) and start over at the root.
+            delay = policy.backoff(self._attempt, self.config, self.rng)
+            self._attempt += 1
+            self._candidates = [self.root_endpoint]
+            self._join_at = now + delay
+            self._join_deadline = 0.0
+            self.transport.disconnect_parent()
+            return
+        self._send_join(self._candidates.pop(0), now)
+
+    def _send_join(self, endpoint: str, now: float) -> None:
+        self.transport.connect_parent(endpoint)
+        self.parent_endpoint = endpoint
+        body = {
+            "id": self.node_id,
+            "name": self.name,
+            "ctl": self.transport.control_endpoint,
+            "data": self.transport.data_endpoint,
+            "sub": self.routes_ids(),
+            "attrs": self.attrs,
+            "pid": os.getpid(),
+        }
+        self.transport.send_parent(p.encode(p.MsgType.JOIN, body, src=self.node_id))
+        self._join_deadline = now + self.config.join_timeout
+        self._join_at = 0.0
+
+    def routes_ids(self) -> list:
+        out = []
+        for link in self.children:
+            out.extend(self.routes.ids_via(link))
+        return out
+
+    def _on_accept(self, body: dict, now: float) -> None:
+        rejoin = self._orphaned_at is not None
+        cfg = body.get("cfg")
+        if cfg:  # the root's timers and shape win, so the whole tree agrees
+            self.config = replace(self.config, max_children=cfg["k"], policy=cfg["pol"], heartbeat=cfg["hb"],
+                                  misses=cfg["mi"])
+        self.node_id = body["id"]
+        self.forwarder.node_id = self.node_id
+        self.forwarder.has_parent = True
+        self.parent_id = body["parent"]
+        self.depth = body["depth"]
+        self.grandparent_endpoint = body.get("gp")
+        self.root_endpoint = body.get("rep") or self.root_endpoint
+        self.root_id = body.get("rid", ROOT_ID)
+        self.state = ATTACHED
+        self._parent_heard = now
+        self._attempt = 0
+        self._join_deadline = 0.0
+        self.counters["rejoins" if rejoin else "joins"] += 1
+        orphaned_for = now - self._orphaned_at if rejoin else 0.0
+        self._orphaned_at = None
+        self._set_epoch(body.get("ep", 0), "rejoined" if rejoin else "joined", orphaned_for)
+        self._beat_children()  # children learn the new depth/grandparent at once
+
+    def _set_epoch(self, epoch: int, reason: str, orphaned_for: float = 0.0) -> None:
+        changed = epoch != self.epoch
+        self.epoch = epoch
+        if reason in ("joined", "rejoined") or self.registered_epoch != epoch:
+            self.registered_epoch = epoch
+            self.send_up(p.MsgType.REGISTER, self.registration(reason, orphaned_for))
+        if changed:
+            self._beat_children()
+
+    def registration(self, reason: str, orphaned_for: float = 0.0) -> dict:
+        return {
+            "id": self.node_id,
+            "name": self.name,
+            "parent": self.parent_id,
+            "ctl": self.transport.control_endpoint,
+            "data": self.transport.data_endpoint,
+            "attrs": self.attrs,
+            "pid": os.getpid(),
+            "reason": reason,
+            "orphaned_for": round(orphaned_for, 4),
+        }
+
+    def _orphan(self, now: float, why: str) -> None:
+        log.info("%s: parent %s %s; rejoining", self.name, self.parent_endpoint, why)
+        self.counters["parent_lost"] += 1
+        self.transport.disconnect_parent()
+        self.forwarder.has_parent = False
+        self._orphaned_at = now
+        self._attempt = 0
+        self._begin_join([self.grandparent_endpoint, self.root_endpoint], now)
+
+    # -- messages from the parent ----------------------------------------------------
+    def on_parent(self, msg: p.Message) -> None:
+        now = self.clock()
+        t = msg.header.type
+        body = msg.body if isinstance(msg.body, dict) else {}
+        if self.state == JOINING:
+            if t == p.MsgType.JOIN_ACCEPT:
+                self._on_accept(body, now)
+            elif t == p.MsgType.JOIN_REDIRECT:
+                self.counters["redirects"] += 1
+                self._redirects += 1
+                if body.get("id"):
+                    self.node_id = body["id"]
+                if self._redirects > self.config.max_redirects or not body.get("to"):
+                    self._candidates = []
+                    self._try_next_candidate(now)
+                else:
+                    self._send_join(body["to"], now)
+            elif t == p.MsgType.JOIN_REJECT:
+                log.info("%s: join refused by %s: %s", self.name, self.parent_endpoint, body.get("reason"))
+                self._join_deadline = now  # next tick tries the next candidate
+            return
+        if self.state != ATTACHED:
+            return
+        self._parent_heard = now
+        if t == p.MsgType.HEARTBEAT:
+            self.depth = body.get("d", self.depth - 1) + 1
+            self.grandparent_endpoint = body.get("gp")
+            self.root_endpoint = body.get("rep") or self.root_endpoint
+            if body.get("ep", self.epoch) != self.epoch:
+                self._set_epoch(body["ep"], "root restarted")
+        elif t == p.MsgType.COMMAND and msg.header.dst in (p.BROADCAST_ID, self.node_id):
+            self._on_command(msg, fp.LINK_UP, now)
+        elif t == p.MsgType.JOIN_REJECT:
+            # Our parent no longer knows us (it restarted, or dropped us): rejoin now.
+            self._orphan(now, f"dropped us ({body.get('reason')})")
+        elif t == p.MsgType.JOIN_ACCEPT:
+            pass  # a duplicate answer to a retransmitted JOIN
+        else:
+            self._route(msg, fp.LINK_UP)
+
+    # -- messages from children --------------------------------------------------------
+    def on_child(self, identity: bytes, msg: p.Message) -> None:
+        now = self.clock()
+        t = msg.header.type
+        body = msg.body if isinstance(msg.body, dict) else {}
+        if t == p.MsgType.JOIN:
+            self._on_join(identity, body, now)
+            return
+        link = self._links.get(identity)
+        if link is None:
+            self.counters["unknown_peer"] += 1
+            if t != p.MsgType.LEAVE:
+                self.transport.send_child(identity, p.encode(p.MsgType.JOIN_REJECT, {"reason": "unknown child"}))
+            return
+        self.children[link].last_heard = now
+        if t == p.MsgType.HEARTBEAT:
+            return
+        if t == p.MsgType.ROUTE_ADD:
+            ids = [i for i in body.get("ids", []) if i != self.node_id]
+            self.routes.add_subtree(link, ids)
+            self.routes_added(ids, link)
+        elif t == p.MsgType.ROUTE_LOST:
+            # Only ids still routed through this link: an orphan may already be back elsewhere.
+            gone = [i for i in body.get("ids", []) if self.routes.lookup(i) == link]
+            self.routes.remove_subtree(gone)
+            self.routes_lost(gone, body.get("reason", "dead"), body.get("dead"))
+        elif t == p.MsgType.LEAVE:
+            self._drop_child(link, "left", now)
+        elif t == p.MsgType.REPLY and msg.header.dst == self.node_id and msg.header.ref in self._ops:
+            self._on_reply(link, msg, now)
+        else:
+            self._route(msg, link)
+
+    def _on_join(self, identity: bytes, body: dict, now: float) -> None:
+        reject = None
+        sub = set(body.get("sub", []))
+        jid = body.get("id", 0)
+        if self.state != ATTACHED:
+            reject = "not attached to the tree"
+        elif self.node_id in sub or (jid and jid == self.node_id):
+            reject = "joining there would make a cycle"
+        elif not jid and not self.is_root:
+            reject = "new nodes join through the manager"
+        if reject:
+            self.transport.send_child(identity, p.encode(p.MsgType.JOIN_REJECT, {"reason": reject}))
+            return
+        known = self._links.get(identity)
+        if known is not None:
+            self._accept(identity, known, body, now)  # retransmitted JOIN
+            return
+        if not jid:
+            jid = self.assign_id(body)
+            body = dict(body, id=jid)
+        sizes = {link: 1 + len(self.routes.ids_via(link)) for link in self.children}
+        exclude = {link for link, c in self.children.items() if c.node_id in sub or c.node_id == jid}
+        choice = policy.place(sizes, self.config.max_children, self.placement_policy(), self.rng, exclude)
+        if choice == policy.ACCEPT:
+            self._accept(identity, None, body, now)
+        else:
+            target = self.children[choice]
+            self.transport.send_child(
+                identity, p.encode(p.MsgType.JOIN_REDIRECT, {"to": target.control, "id": jid}, src=self.node_id)
+            )
+
+    def placement_policy(self) -> str:
+        return policy.RANDTREE if self.config.policy == policy.STAR else self.config.policy
+
+    def assign_id(self, body: dict) -> int:
+        raise NotImplementedError("only the root assigns node ids")
+
+    def _accept(self, identity: bytes, link: int | None, body: dict, now: float) -> None:
+        jid = body["id"]
+        if link is None:
+            # A node rejoining with a new identity replaces any stale link to it.
+            for old_link, c in list(self.children.items()):
+                if c.node_id == jid:
+                    self._drop_child(old_link, "replaced", now)
+            link = self._next_link
+            self._next_link += 1
+            self._links[identity] = link
+            self.forwarder.add_child(link)
+        self.children[link] = Child(identity, jid, body.get("name", ""), body.get("ctl", ""), body.get("data", ""), now)
+        sub = [i for i in body.get("sub", []) if i not in (jid, self.node_id)]
+        self.routes.add(jid, link)
+        self.routes.add_subtree(link, sub)
+        accept = {
+            "id": jid,
+            "parent": self.node_id,
+            "depth": self.depth + 1,
+            "gp": self.parent_endpoint if not self.is_root else None,
+            "rep": self.root_endpoint,
+            "rid": self.root_id,
+            "ep": self.epoch,
+            "cfg": {"k": self.config.max_children, "pol": self.config.policy, "hb": self.config.heartbeat,
+                    "mi": self.config.misses},
+        }
+        self.transport.send_child(identity, p.encode(p.MsgType.JOIN_ACCEPT, accept, src=self.node_id))
+        self.routes_added([jid, *sub], link, info=body)
+
+    def _drop_child(self, link: int, reason: str, now: float) -> None:
+        child = self.children.pop(link, None)
+        if child is None:
+            return
+        self._links.pop(child.identity, None)
+        self.counters["children_lost"] += 1
+        for op in list(self._ops.values()):
+            if link in op.link_ids and link in self.aggregator.owing(op.op_id):
+                for i in op.link_ids[link]:
+                    op.result.missing.setdefault(i, "dead" if reason != "left" else "left")
+        done = self.aggregator.forget_link(link)
+        lost = self.forwarder.remove_child(link)
+        if child.node_id not in lost:
+            lost.append(child.node_id)
+        log.info("%s: child %s %s (%d nodes behind it)", self.name, child.name, reason, len(lost))
+        self.routes_lost(lost, reason, child.node_id)
+        for op_id in done:
+            self._maybe_finish(op_id)
+
+    # -- route changes travel up (the root overrides these) ---------------------------
+    def routes_added(self, ids: list, link: int, info: dict | None = None) -> None:
+        if ids:
+            self.send_up(p.MsgType.ROUTE_ADD, {"ids": ids}, to_parent=True)
+
+    def routes_lost(self, ids: list, reason: str, dead: int | None) -> None:
+        if ids:
+            self.send_up(p.MsgType.ROUTE_LOST, {"ids": ids, "reason": reason, "dead": dead}, to_parent=True)
+
+    def send_up(self, msg_type, body: dict, to_parent: bool = False) -> None:
+        """Send toward the root (to the parent for hop-by-hop messages)."""
+        if self.state != ATTACHED:
+            return
+        dst = self.parent_id if to_parent else self.root_id
+        self.transport.send_parent(p.encode(msg_type, body, src=self.node_id, dst=dst))
+
+    # -- unicast forwarding ------------------------------------------------------------
+    def _route(self, msg: p.Message, from_link: int) -> None:
+        h = msg.header
+        frames = p.encode(
+            h.type, msg.body, src=h.src, dst=h.dst, msg_id=h.msg_id, ref=h.ref, flags=h.flags,
+            ttl=h.ttl, hops=h.hops, extra=msg.extra, using=self.codec,
+        )
+        decision = self.forwarder.route(frames[0], from_link)
+        if decision == fp.LINK_LOCAL:
+            self.deliver(msg, from_link)
+            return
+        if decision == fp.LINK_DROP or decision == fp.LINK_BROADCAST:
+            return
+        frames[0] = self.codec.advance(frames[0])
+        if decision == fp.LINK_UP:
+            self.transport.send_parent(frames)
+        else:
+            child = self.children.get(decision)
+            if child is not None:
+                self.transport.send_child(child.identity, frames)
+
+    def deliver(self, msg: p.Message, from_link: int) -> None:
+        """A unicast message addressed to this node (the root overrides it)."""
+        if msg.header.type == p.MsgType.COMMAND:
+            self._on_command(msg, from_link, self.clock())
+
+    # -- heartbeats and failure detection ------------------------------------------------
+    def _beat_children(self) -> None:
+        if not self.children:
+            return
+        beat = p.encode(
+            p.MsgType.HEARTBEAT,
+            {"d": self.depth, "gp": None if self.is_root else self.parent_endpoint, "ep": self.epoch,
+             "rep": self.root_endpoint},
+            src=self.node_id,
+        )
+        for link, child in list(self.children.items()):
+            if not self.transport.send_child(child.identity, beat):
+                # ROUTER_MANDATORY: the connection is gone; no need to wait for silence.
+                self._drop_child(link, "dead", self.clock())
+        self.counters["heartbeats_sent"] += len(self.children)
+
+    def tick(self, now: float | None = None) -> None:
+        """Timers: joins, heartbeats, silent peers, operation deadlines."""
+        now = self.clock() if now is None else now
+        if self.state == STOPPED:
+            return
+        if self.state == JOINING:
+            if self._join_at and now >= self._join_at:
+                self._try_next_candidate(now)
+            elif self._join_deadline and now >= self._join_deadline:
+                self._try_next_candidate(now)
+        if now - self._last_beat >= self.config.heartbeat:
+            self._last_beat = now
+            if self.state == ATTACHED and not self.is_root:
+                self.transport.send_parent(p.encode(p.MsgType.HEARTBEAT, None, src=self.node_id))
+                self.counters["heartbeats_sent"] += 1
+            self._beat_children()
+        if self.state == ATTACHED and not self.is_root and policy.is_silent(self._parent_heard, now, self.config):
+            self._orphan(now, "went silent")
+        for link, child in list(self.children.items()):
+            if policy.is_silent(child.last_heard, now, self.config):
+                self._drop_child(link, "dead", now)
+        for op_id in self.aggregator.expired(now):
+            self._expire(op_id)
+
+    # -- broadcast and convergecast -----------------------------------------------------
+    def _on_command(self, msg: p.Message, from_link: int, now: float) -> None:
+        h = msg.header
+        body = msg.body if isinstance(msg.body, dict) else {}
+        op_id = h.msg_id
+        broadcast = h.dst == p.BROADCAST_ID
+        if broadcast and self.forwarder.seen(h.src, h.msg_id):
+            return  # a duplicate (e.g. resent after a repair)
+        remaining = float(body.get("rem", 1.0))
+        links = []
+        if broadcast:
+            child_body = dict(body, rem=policy.child_budget(remaining, self.config))
+            frames = p.encode(
+                p.MsgType.COMMAND, child_body, src=h.src, dst=p.BROADCAST_ID, msg_id=h.msg_id,
+                ttl=max(h.ttl - 1, 0), hops=min(h.hops + 1, 255),
+            )
+            for link in self.forwarder.broadcast_links(from_link):
+                if self.transport.send_child(self.children[link].identity, frames):
+                    links.append(link)
+        reply_dst = self.parent_id if broadcast else h.src
+        self._open_op(op_id, links, remaining, body, reply_dst=reply_dst, now=now)
+
+    def _open_op(self, op_id: int, links: list, remaining: float, body: dict, *, reply_dst: int,
+                 now: float, future: asyncio.Future | None = None) -> _Op:
+        if op_id in self._ops:
+            return self._ops[op_id]
+        link_ids = {link: self.routes.ids_via(link) for link in links}
+        ids = body.get("ids")
+        wants_me = not self.is_root and (ids is None or self.node_id in ids)
+        op = _Op(op_id, link_ids, OpResult(), not wants_me, reply_dst, future)
+        self._ops[op_id] = op
+        self.counters["ops"] += 1
+        # Wait for children a little less than we were given, to answer in time.
+        self.aggregator.open(op_id, links, now + max(remaining - self.config.op_margin / 2, 0.0))
+        if wants_me:
+            handler = self.handlers.get(body.get("op"))
+            if handler is None:
+                self._add_local(op, {"error": f"unknown operation {body.get('op')!r}"})
+            else:
+                budget = policy.child_budget(remaining, self.config)
+                op.task = self._spawn(self._run_local(op, handler, body.get("a") or {}, budget))
+        self._maybe_finish(op_id)
+        return op
+
+    async def _run_local(self, op: _Op, handler: Handler, args: dict, budget: float) -> None:
+        try:
+            value = await handler(self, args, budget)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # a handler bug must not take the node down
+            log.exception("%s: handler failed", self.name)
+            value = {"error": f"{type(e).__name__}: {e}"}
+        if self._ops.get(op.op_id) is op:
+            self._add_local(op, value)
+            self._maybe_finish(op.op_id)
+
+    def _add_local(self, op: _Op, value) -> None:
+        policy.merge_groups(op.result.groups, [[p.packb(value), value, [self.node_id]]])
+        op.local_done = True
+
+    def _on_reply(self, link: int, msg: p.Message, now: float) -> None:
+        op = self._ops.get(msg.header.ref)
+        body = msg.body if isinstance(msg.body, dict) else {}
+        if op is None:
+            return
+        groups = body.get("g", [])
+        missing = body.get("m", [])
+        if link not in self.aggregator.owing(op.op_id):
+            return  # late or duplicate: the gap was already reported
+        self.aggregator.reply(op.op_id, link, len(groups), len(missing))
+        policy.merge_groups(op.result.groups, groups)
+        for node_id, reason in missing:
+            op.result.missing.setdefault(node_id, reason)
+        self._maybe_finish(op.op_id)
+
+    def _maybe_finish(self, op_id: int) -> None:
+        op = self._ops.get(op_id)
+        if op is None or not op.local_done or not self.aggregator.is_complete(op_id):
+            return
+        self._finish(op)
+
+    def _expire(self, op_id: int) -> None:
+        op = self._ops.get(op_id)
+        if op is None:
+            return
+        self.counters["ops_expired"] += 1
+        for link in self.aggregator.owing(op_id):
+            for i in op.link_ids.get(link, ()):
+                op.result.missing.setdefault(i, "timed out")
+        if not op.local_done:
+            op.result.missing.setdefault(self.node_id, "timed out")
+            if op.task is not None:
+                op.task.cancel()
+        self._finish(op)
+
+    def _finish(self, op: _Op) -> None:
+        self._ops.pop(op.op_id, None)
+        if op.op_id in self.aggregator:
+            self.aggregator.close(op.op_id)
+        # Nodes that answered are not missing, whatever a slower path said.
+        answered = set()
+        for _, ids in op.result.groups.values():
+            answered.update(ids)
+        for i in answered:
+            op.result.missing.pop(i, None)
+        if op.future is not None:
+            if not op.future.done():
+                op.future.set_result(op.result)
+            return
+        if op.reply_dst and self.state == ATTACHED:
+            body = {
+                "g": [[k, v, ids] for k, (v, ids) in op.result.groups.items()],
+                "m": [[i, r] for i, r in op.result.missing.items()],
+            }
+            self.transport.send_parent(
+                p.encode(p.MsgType.REPLY, body, src=self.node_id, dst=op.reply_dst, ref=op.op_id)
+            )
+
+    # -- introspection -------------------------------------------------------------------
+    def snapshot(self) -> dict:
+        return {
+            "id": self.node_id,
+            "name": self.name,
+            "state": self.state,
+            "depth": self.depth,
+            "parent": self.parent_id,
+            "children": len(self.children),
+            "subtree": len(self.routes),
+            "counters": dict(self.counters),
+        }

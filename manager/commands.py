@@ -1,0 +1,145 @@
+"""The manager's control API: every command defined once.
+
+A command is a name, a docstring describing its request and result, and an
+async handler ``(manager, args) -> result``.  bus-ctl sends ``CTL_REQUEST
+{"cmd", "args"}`` and gets ``CTL_REPLY {"ok": True, "result"}`` or ``{"ok":
+False, "error", "code"}``; ``tools/`` renders results for people.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Awaitable, Callable
+
+from bus import policy
+from core.errors import BusError
+
+__all__ = ["COMMANDS", "CommandError", "command", "BAD_SELECTOR", "BAD_ARGS", "UNKNOWN_COMMAND", "FAILED"]
+
+BAD_SELECTOR = "BAD_SELECTOR"
+BAD_ARGS = "BAD_ARGS"
+UNKNOWN_COMMAND = "UNKNOWN_COMMAND"
+FAILED = "FAILED"
+
+
+class CommandError(BusError):
+    """A request the manager refuses; ``code`` is one of the names above."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+Handler = Callable[..., Awaitable[object]]
+COMMANDS: dict[str, Handler] = {}
+
+
+def command(fn: Handler) -> Handler:
+    COMMANDS[fn.__name__.removeprefix("cmd_")] = fn
+    return fn
+
+
+@command
+async def cmd_ping(mgr, args: dict) -> dict:
+    """``ping`` -> {pid, epoch, uptime, members}: is the manager there, and how big is the tree."""
+    return {"pid": os.getpid(), "epoch": mgr.root.epoch, "uptime": round(mgr.uptime(), 3),
+            "members": len(mgr.membership.alive())}
+
+
+@command
+async def cmd_status(mgr, args: dict) -> dict:
+    """``status`` -> {root, members: [...], events: [...], counters}: the membership soft state."""
+    return mgr.status()
+
+
+@command
+async def cmd_tree(mgr, args: dict) -> dict:
+    """``tree`` -> same shape as ``status`` (rendered as a tree by bus-ctl)."""
+    return mgr.status()
+
+
+def _timeout(args: dict, default: float = 10.0) -> float:
+    try:
+        t = float(args.get("timeout", default))
+    except (TypeError, ValueError):
+        raise CommandError(BAD_ARGS, "timeout must be a number of seconds") from None
+    if not 0 < t <= 3600:
+        raise CommandError(BAD_ARGS, "timeout must be between 0 and 3600 seconds")
+    return t
+
+
+def _targets(mgr, selector) -> tuple[list | None, set]:
+    """(ids to address or None for all, ids expected to answer).
+
+    Members that died recently (and are not forgotten yet) are expected too, so
+    the result names them with their reason instead of leaving a silent gap.
+    """
+    if selector is not None and not isinstance(selector, str):
+        raise CommandError(BAD_SELECTOR, "a selector is a string such as 'web-*' or 'group=web'")
+    known = [{"id": m.id, "name": m.name, "attrs": m.attrs} for m in mgr.membership.members.values()]
+    expected = set(policy.select(known, selector))
+    alive = {m.id for m in mgr.membership.alive()}
+    if selector and not expected & alive:
+        raise CommandError(BAD_SELECTOR, f"no live node matches the selector {selector!r}")
+    return (None if not selector else sorted(expected & alive)), expected
+
+
+@command
+async def cmd_exec(mgr, args: dict) -> dict:
+    """``exec`` {cmd, selector, timeout} -> {groups: [{stdout, stderr, rc, nodes}], missing: [{node, reason}],
+    expected, answered, elapsed}: run a shell command on the selected nodes, merged up the tree."""
+    cmd = args.get("cmd")
+    if not isinstance(cmd, str) or not cmd.strip():
+        raise CommandError(BAD_ARGS, "exec needs a command, e.g. bus-ctl exec -- hostname")
+    ids, expected = _targets(mgr, args.get("selector"))
+    timeout = _timeout(args)
+    t0 = mgr.root.clock()
+    result = await mgr.root.broadcast("exec", {"cmd": cmd}, ids=ids, timeout=timeout)
+    out = mgr.root.outcome(result, expected)
+    groups = []
+    for g in out["groups"]:
+        v = g["value"] if isinstance(g["value"], dict) else {}
+        if "error" in v:
+            v = {"stdout": "", "stderr": v["error"] + "\n", "rc": 255}
+        groups.append({"stdout": v.get("stdout", ""), "stderr": v.get("stderr", ""), "rc": v.get("rc", 255),
+                       "nodes": g["nodes"]})
+    return {"groups": groups, "missing": out["missing"], "expected": out["expected"], "answered": out["answered"],
+            "elapsed": round(mgr.root.clock() - t0, 4)}
+
+
+@command
+async def cmd_broadcast(mgr, args: dict) -> dict:
+    """``broadcast`` {op: ping|info, selector, timeout} -> {groups: [{value, nodes}], missing, expected,
+    answered, elapsed}: a no-op or info round trip through the whole tree (benchmarks, debugging)."""
+    op = args.get("op", "ping")
+    if op not in ("ping", "info"):
+        raise CommandError(BAD_ARGS, "broadcast op must be ping or info")
+    ids, expected = _targets(mgr, args.get("selector"))
+    t0 = mgr.root.clock()
+    result = await mgr.root.broadcast(op, {}, ids=ids, timeout=_timeout(args))
+    out = mgr.root.outcome(result, expected)
+    out["elapsed"] = round(mgr.root.clock() - t0, 4)
+    return dict(out)
+
+
+@command
+async def cmd_shutdown(mgr, args: dict) -> dict:
+    """``shutdown`` -> {}: stop the manager (nodes keep running and wait for it to return)."""
+    mgr.request_stop()
+    return {}
+
+
+async def dispatch(mgr, body: dict) -> dict:
+    """Run one request; always returns a CTL_REPLY body."""
+    name = body.get("cmd") if isinstance(body, dict) else None
+    handler = COMMANDS.get(name)
+    if handler is None:
+        return {"ok": False, "code": UNKNOWN_COMMAND,
+                "error": f"unknown command {name!r}; known: {', '.join(sorted(COMMANDS))}"}
+    args = body.get("args") or {}
+    if not isinstance(args, dict):
+        return {"ok": False, "code": BAD_ARGS, "error": "args must be a map"}
+    try:
+        return {"ok": True, "result": await handler(mgr, args)}
+    except CommandError as e:
+        return {"ok": False, "code": e.code, "error": str(e)}

@@ -1,0 +1,132 @@
+"""The root of the tree: the manager's TreeNode.
+
+It never joins anyone; it assigns node ids, turns route changes and
+registrations into membership, starts broadcasts and unicasts, and names every
+node that did not answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+from bus import protocol as p
+from bus.tree import ATTACHED, ROOT_ID, OpResult, TreeNode
+from manager.membership import DEAD, LEFT, UNREACHABLE, Membership
+
+__all__ = ["RootNode", "Outcome"]
+
+
+class Outcome(dict):
+    """Result of an operation at the root: ``groups`` (value, names) and ``missing``."""
+
+
+class RootNode(TreeNode):
+    def __init__(self, transport, *, membership: Membership | None = None, epoch: int | None = None, **kw):
+        super().__init__("manager", transport, **kw)
+        self.node_id = ROOT_ID
+        self.forwarder.node_id = ROOT_ID
+        self.state = ATTACHED
+        self.epoch = epoch if epoch is not None else int.from_bytes(os.urandom(4), "little") or 1
+        self.membership = membership or Membership(ROOT_ID, clock=self.clock)
+        self._unicast: dict[int, asyncio.Future] = {}
+
+    @property
+    def is_root(self) -> bool:
+        return True
+
+    def start(self) -> None:
+        """The root is attached from the start."""
+
+    def placement_policy(self) -> str:
+        return self.config.policy
+
+    def assign_id(self, body: dict) -> int:
+        while True:
+            i = self.rng.randrange(2, 0xFFFFFFFF)
+            if i not in self.membership.members and i not in self.routes:
+                return i
+
+    # -- membership from route changes -------------------------------------------
+    def routes_added(self, ids: list, link: int, info: dict | None = None) -> None:
+        self.membership.route_added(ids)
+
+    def routes_lost(self, ids: list, reason: str, dead: int | None) -> None:
+        self.membership.lost(ids, reason, dead)
+
+    def on_child(self, identity: bytes, msg: p.Message) -> None:
+        super().on_child(identity, msg)
+        link = self._links.get(identity)
+        if link is not None:
+            self.membership.heard(self.children[link].node_id)
+
+    def deliver(self, msg: p.Message, from_link: int) -> None:
+        t = msg.header.type
+        body = msg.body if isinstance(msg.body, dict) else {}
+        if t == p.MsgType.REGISTER and body.get("id"):
+            if self.routes.lookup(body["id"]) >= 0:
+                self.membership.registered(body)
+        elif t == p.MsgType.REPLY:
+            fut = self._unicast.pop(msg.header.ref, None)
+            if fut is not None and not fut.done():
+                fut.set_result(body)
+
+    # -- operations ------------------------------------------------------------------
+    async def broadcast(self, op: str, args: dict, *, ids: list | None = None, timeout: float = 10.0) -> OpResult:
+        """Send ``op`` down the whole tree and wait for the merged answer (or the deadline)."""
+        now = self.clock()
+        op_id = p.next_msg_id()
+        body = {"op": op, "a": args, "rem": timeout}
+        if ids is not None:
+            body["ids"] = list(ids)
+        links = []
+        frames = p.encode(p.MsgType.COMMAND, dict(body, rem=max(timeout - self.config.op_margin, 0.0)),
+                          src=self.node_id, dst=p.BROADCAST_ID, msg_id=op_id)
+        for link, child in list(self.children.items()):
+            if self.transport.send_child(child.identity, frames):
+                links.append(link)
+        fut = asyncio.get_running_loop().create_future()
+        self._open_op(op_id, links, timeout, body, reply_dst=0, now=now, future=fut)
+        return await fut
+
+    async def request(self, node_id: int, op: str, args: dict, *, timeout: float = 10.0) -> dict:
+        """Unicast ``op`` to one node through the routing tables; its reply body."""
+        op_id = p.next_msg_id()
+        link = self.routes.lookup(node_id)
+        child = self.children.get(link)
+        if child is None:
+            raise LookupError(f"no route to node #{node_id}")
+        fut = asyncio.get_running_loop().create_future()
+        self._unicast[op_id] = fut
+        frames = p.encode(p.MsgType.COMMAND, {"op": op, "a": args, "rem": timeout},
+                          src=self.node_id, dst=node_id, msg_id=op_id)
+        self.transport.send_child(child.identity, frames)
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        finally:
+            self._unicast.pop(op_id, None)
+
+    def outcome(self, result: OpResult, expected: set[int]) -> Outcome:
+        """Name every expected node: in a group, or missing with a reason."""
+        mem = self.membership
+        groups = []
+        answered = set()
+        for value, ids in result.groups.values():
+            answered.update(ids)
+            for i in ids:
+                mem.heard(i)
+            groups.append({"value": value, "nodes": sorted(mem.name_of(i) for i in ids)})
+        missing = []
+        for i in sorted(expected - answered, key=mem.name_of):
+            reason = result.missing.get(i)
+            if reason is None:
+                m = mem.members.get(i)
+                if m is not None and m.state in (DEAD, LEFT):
+                    reason = "dead" if m.state == DEAD else "left"
+                elif m is not None and m.state == UNREACHABLE:
+                    reason = "unreachable"
+                else:
+                    reason = "unreachable" if self.routes.lookup(i) < 0 else "timed out"
+            missing.append({"node": mem.name_of(i), "reason": reason})
+        groups.sort(key=lambda g: (-len(g["nodes"]), g["nodes"]))
+        return Outcome(groups=groups, missing=missing, expected=len(expected), answered=len(answered & expected))

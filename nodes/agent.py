@@ -1,0 +1,105 @@
+"""The bus-node agent: hosts one or many logical nodes in one process.
+
+All logical nodes of a process share one ZeroMQ context, one PlaneLoop and one
+ticker; each has its own sockets, identity and place in the tree
+(``--virtual N``), so 1000 nodes fit on one machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+
+import zmq
+
+from bus.link import NodeLink
+from bus.planes import PlaneLoop, SocketFactory
+from bus.policy import TreeConfig
+from bus.tree import ATTACHED, TreeNode
+from nodes.ops import HANDLERS
+
+__all__ = ["NodeHost"]
+
+log = logging.getLogger(__name__)
+
+
+class NodeHost:
+    """Runs ``names`` as logical nodes joining the tree at ``join``.
+
+    Lifecycle: ``await start()`` binds and starts joining; ``await stop()``
+    leaves cleanly and closes every socket; ``async with`` does both.
+    """
+
+    def __init__(self, join: str, names: list[str], *, bind_host: str = "127.0.0.1",
+                 advertise_host: str | None = None, attrs: dict | None = None,
+                 config: TreeConfig = TreeConfig(), seed: int | None = None):
+        if not names:
+            raise ValueError("a NodeHost needs at least one node name")
+        self.join = join
+        self.names = list(names)
+        self.bind_host = bind_host
+        self.advertise_host = advertise_host
+        self.attrs = dict(attrs or {})
+        self.config = config
+        self.rng = random.Random(seed)
+        self.nodes: list[TreeNode] = []
+        self.links: list[NodeLink] = []
+        self.context: zmq.Context | None = None
+        self.factory: SocketFactory | None = None
+        self.loop: PlaneLoop | None = None
+        self._ticker: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        self.context = zmq.Context()
+        self.factory = SocketFactory(self.context)
+        self.loop = PlaneLoop()
+        await self.loop.start()
+        bind = f"tcp://{self.bind_host}:0"
+        for name in self.names:
+            link = NodeLink(self.factory, self.loop, control_bind=bind, data_bind=bind,
+                            advertise_host=self.advertise_host)
+            link.open()
+            node = TreeNode(name, link, config=self.config, root_endpoint=self.join, attrs=self.attrs,
+                            handlers=HANDLERS, rng=random.Random(self.rng.random()))
+            link.on_child = node.on_child
+            link.on_parent = node.on_parent
+            self.links.append(link)
+            self.nodes.append(node)
+            node.start()
+        self._ticker = asyncio.get_running_loop().create_task(self._tick_forever())
+
+    async def _tick_forever(self) -> None:
+        # One timer for every logical node of the process; a quarter heartbeat
+        # keeps detection within ~heartbeat/4 of the configured deadline.
+        while True:
+            for node in self.nodes:
+                node.tick()
+            await asyncio.sleep(min(n.config.heartbeat for n in self.nodes) / 4)
+
+    def joined(self) -> int:
+        return sum(1 for n in self.nodes if n.state == ATTACHED)
+
+    async def stop(self) -> None:
+        if self._ticker is not None:
+            self._ticker.cancel()
+            await asyncio.gather(self._ticker, return_exceptions=True)
+            self._ticker = None
+        for node in self.nodes:
+            await node.stop()
+        if self.loop is not None:
+            await self.loop.stop()
+        for link in self.links:
+            link.close(linger=100)  # a short linger lets the goodbyes leave
+        if self.factory is not None:
+            self.factory.close(linger=0)
+        if self.context is not None:
+            self.context.term()
+        self.nodes, self.links = [], []
+
+    async def __aenter__(self) -> "NodeHost":
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.stop()

@@ -1,0 +1,98 @@
+"""``bus-node``: the agent that runs on every machine and joins the tree.
+
+Exit codes: 0 stopped by SIGTERM/SIGINT; 1 could not start (e.g. bind failed);
+2 bad usage; 3 did not reach the tree within ``--join-timeout``.
+"""
+
+from __future__ import annotations
+
+import socket as _socket
+import sys
+
+import click
+
+__all__ = ["main"]
+
+EXIT_OK, EXIT_START, EXIT_USAGE, EXIT_JOIN = 0, 1, 2, 3
+
+
+def _attrs(pairs: tuple[str, ...], group: str | None) -> dict:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{pair!r} is not KEY=VALUE", param_hint="--attr")
+        out[key] = value
+    if group:
+        out["group"] = group
+    return out
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--join", "join", required=True, metavar="tcp://HOST:PORT", help="The manager's control endpoint.")
+@click.option("--name", default=None, help="Node name (default: the host name); NAME-0..NAME-(N-1) with --virtual.")
+@click.option("--virtual", type=click.IntRange(1, 100000), default=1, show_default=True,
+              help="Logical nodes hosted by this process.")
+@click.option("--group", default=None, help="Resource group (sets the attribute group=G).")
+@click.option("--attr", "attr", multiple=True, metavar="KEY=VALUE", help="Free-form attribute (repeatable).")
+@click.option("--bind-host", default=None, help="Address to bind (default: 127.0.0.1 when joining loopback, else 0.0.0.0).")
+@click.option("--advertise", default=None, help="Address other nodes use to reach this one (default: the bind address).")
+@click.option("--join-timeout", type=float, default=0.0, help="Give up (exit 3) if not joined after S seconds; 0 = never.")
+@click.option("--log-level", default="INFO", show_default=True,
+              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
+def main(join, name, virtual, group, attr, bind_host, advertise, join_timeout, log_level):
+    """Join the snsbus tree at JOIN and serve until stopped."""
+    import asyncio
+    import logging
+    import signal
+
+    logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s bus-node[%(process)d] %(name)s: %(message)s")
+    if not join.startswith("tcp://"):
+        raise click.BadParameter("expected tcp://HOST:PORT", param_hint="--join")
+    host = join[len("tcp://"):].rsplit(":", 1)[0]
+    loopback = host in ("127.0.0.1", "localhost", "::1")
+    bind_host = bind_host or ("127.0.0.1" if loopback else "0.0.0.0")
+    if advertise is None and bind_host == "0.0.0.0":
+        advertise = _socket.gethostname()
+    base = name or _socket.gethostname()
+    names = [base] if virtual == 1 else [f"{base}-{i}" for i in range(virtual)]
+    attrs = _attrs(attr, group)
+
+    from bus.planes import SocketSetupError
+    from nodes.agent import NodeHost
+
+    async def run() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        host_ = NodeHost(join, names, bind_host=bind_host, advertise_host=advertise, attrs=attrs)
+        try:
+            await host_.start()
+        except SocketSetupError as e:
+            logging.getLogger("bus-node").error("%s", e)
+            await host_.stop()
+            return EXIT_START
+        code = EXIT_OK
+        try:
+            if join_timeout > 0:
+                deadline = loop.time() + join_timeout
+                while host_.joined() < len(names) and not stop.is_set():
+                    if loop.time() > deadline:
+                        logging.getLogger("bus-node").error(
+                            "only %d of %d nodes joined %s within %.1fs", host_.joined(), len(names), join, join_timeout)
+                        code = EXIT_JOIN
+                        stop.set()
+                        break
+                    await asyncio.sleep(0.05)
+            await stop.wait()
+        finally:
+            await host_.stop()
+        return code
+
+    sys.exit(asyncio.run(run()))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
