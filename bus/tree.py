@@ -126,10 +126,11 @@ class TreeNode:
         self._last_beat = 0.0
         self._ops: dict[int, _Op] = {}
         self._tasks: set[asyncio.Task] = set()
+        self._gone: dict[int, str] = {}  # ids lost by send_down, for the op being opened
         # join state
         self._candidates: list[str] = []
-        self._join_deadline = 0.0
-        self._join_at = 0.0
+        self._join_deadline: float | None = None  # answer to the JOIN in flight due by
+        self._join_at: float | None = None  # next join attempt scheduled at
         self._attempt = 0
         self._redirects = 0
         self._orphaned_at: float | None = None
@@ -190,7 +191,7 @@ class TreeNode:
         self.state = JOINING
         self._redirects = 0
         self._join_at = now
-        self._join_deadline = 0.0
+        self._join_deadline = None
 
     def _try_next_candidate(self, now: float) -> None:
         if not self._candidates:
@@ -199,7 +200,7 @@ class TreeNode:
             self._attempt += 1
             self._candidates = [self.root_endpoint]
             self._join_at = now + delay
-            self._join_deadline = 0.0
+            self._join_deadline = None
             self.transport.disconnect_parent()
             return
         self._send_join(self._candidates.pop(0), now)
@@ -218,7 +219,7 @@ class TreeNode:
         }
         self.transport.send_parent(p.encode(p.MsgType.JOIN, body, src=self.node_id))
         self._join_deadline = now + self.config.join_timeout
-        self._join_at = 0.0
+        self._join_at = None
 
     def routes_ids(self) -> list:
         out = []
@@ -243,7 +244,7 @@ class TreeNode:
         self.state = ATTACHED
         self._parent_heard = now
         self._attempt = 0
-        self._join_deadline = 0.0
+        self._join_deadline = None
         self.counters["rejoins" if rejoin else "joins"] += 1
         orphaned_for = now - self._orphaned_at if rejoin else 0.0
         self._orphaned_at = None
@@ -504,9 +505,9 @@ class TreeNode:
         if self.state == STOPPED:
             return
         if self.state == JOINING:
-            if self._join_at and now >= self._join_at:
+            if self._join_at is not None and now >= self._join_at:
                 self._try_next_candidate(now)
-            elif self._join_deadline and now >= self._join_deadline:
+            elif self._join_deadline is not None and now >= self._join_deadline:
                 self._try_next_candidate(now)
         if now - self._last_beat >= self.config.heartbeat:
             self._last_beat = now
@@ -538,11 +539,28 @@ class TreeNode:
                 p.MsgType.COMMAND, child_body, src=h.src, dst=p.BROADCAST_ID, msg_id=h.msg_id,
                 ttl=max(h.ttl - 1, 0), hops=min(h.hops + 1, 255),
             )
-            for link in self.forwarder.broadcast_links(from_link):
-                if self.transport.send_child(self.children[link].identity, frames):
-                    links.append(link)
+            links = self.send_down(frames, self.forwarder.broadcast_links(from_link))
         reply_dst = self.parent_id if broadcast else h.src
         self._open_op(op_id, links, remaining, body, reply_dst=reply_dst, now=now)
+
+    def send_down(self, frames: list, links: list) -> list:
+        """Send to each child link; returns the links it went out on.
+
+        A child whose connection is gone is dropped now, and its subtree is
+        named in the next operation opened here instead of timing out.
+        """
+        sent = []
+        for link in links:
+            child = self.children.get(link)
+            if child is None:
+                continue
+            if self.transport.send_child(child.identity, frames):
+                sent.append(link)
+            else:
+                self._gone.update({i: "unreachable" for i in self.routes.ids_via(link)})
+                self._gone[child.node_id] = "dead"
+                self._drop_child(link, "dead", self.clock())
+        return sent
 
     def _open_op(self, op_id: int, links: list, remaining: float, body: dict, *, reply_dst: int,
                  now: float, future: asyncio.Future | None = None) -> _Op:
@@ -551,7 +569,8 @@ class TreeNode:
         link_ids = {link: self.routes.ids_via(link) for link in links}
         ids = body.get("ids")
         wants_me = not self.is_root and (ids is None or self.node_id in ids)
-        op = _Op(op_id, link_ids, OpResult(), not wants_me, reply_dst, future)
+        op = _Op(op_id, link_ids, OpResult(missing=self._gone), not wants_me, reply_dst, future)
+        self._gone = {}
         self._ops[op_id] = op
         self.counters["ops"] += 1
         # Wait for children a little less than we were given, to answer in time.

@@ -79,12 +79,10 @@ class RootNode(TreeNode):
         body = {"op": op, "a": args, "rem": timeout}
         if ids is not None:
             body["ids"] = list(ids)
-        links = []
         frames = p.encode(p.MsgType.COMMAND, dict(body, rem=max(timeout - self.config.op_margin, 0.0)),
                           src=self.node_id, dst=p.BROADCAST_ID, msg_id=op_id)
-        for link, child in list(self.children.items()):
-            if self.transport.send_child(child.identity, frames):
-                links.append(link)
+        self._gone = {}
+        links = self.send_down(frames, list(self.children))
         fut = asyncio.get_running_loop().create_future()
         self._open_op(op_id, links, timeout, body, reply_dst=0, now=now, future=fut)
         return await fut
