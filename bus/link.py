@@ -9,8 +9,11 @@ with a fresh routing id so the new parent never confuses it with a stale peer.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from typing import Callable
+
+import zmq
 
 from bus import protocol as p
 from bus.planes import PeerUnreachable, PlaneLoop, SocketFactory, endpoint_of
@@ -49,7 +52,14 @@ class NodeLink:
         self.on_child: Callable[[bytes, p.Message], None] | None = None
         self.on_parent: Callable[[p.Message], None] | None = None
         self.on_data: Callable[[bytes, p.Message], None] | None = None
-        self.counters = {"data_unhandled": 0, "parent_swaps": 0}
+        self.heard_child: Callable[[bytes], bool] | None = None
+        self.heard_parent: Callable[[], None] | None = None
+        self.parent_lost: Callable[[], None] | None = None
+        self._last_beat = b""
+        self._monitor = None
+        self._monitor_fd = -1
+        self._mon_loop: asyncio.AbstractEventLoop | None = None
+        self.counters = {"data_unhandled": 0, "parent_swaps": 0, "parent_disconnects": 0}
 
     def open(self) -> None:
         """Bind both ROUTERs and start serving them (the PlaneLoop may run already)."""
@@ -79,14 +89,55 @@ class NodeLink:
     def connect_parent(self, endpoint: str) -> None:
         self.disconnect_parent()
         self.dealer = self.factory.control_dealer(endpoint, _identity())
+        self._last_beat = b""
         self.loop.add(self.dealer, p.Plane.CONTROL, self._parent_batch, name=endpoint)
+        self._watch(self.dealer)
         self.counters["parent_swaps"] += 1
 
     def disconnect_parent(self, linger: int = 0) -> None:
+        self._unwatch()
         if self.dealer is not None:
             self._forget(self.dealer)
             self.dealer.close(linger)
             self.dealer = None
+
+    # -- connection loss -----------------------------------------------------------
+    # A killed process's TCP connections close at once; libzmq reports that on
+    # the DEALER's monitor socket (EVENT_DISCONNECTED), so an orphan rejoins in
+    # milliseconds instead of waiting for heartbeat silence.  The monitor is a
+    # PAIR socket whose messages are libzmq events, not bus messages, so it is
+    # watched here with its own reader rather than through the PlaneLoop.
+    def _watch(self, dealer) -> None:
+        if self.parent_lost is None:
+            return
+        loop = self._mon_loop = asyncio.get_running_loop()
+        self._monitor = dealer.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self._monitor_fd = self._monitor.getsockopt(zmq.FD)
+        loop.add_reader(self._monitor_fd, self._on_monitor)
+        self._on_monitor()  # the FD is edge-triggered: look once now
+
+    def _unwatch(self) -> None:
+        mon, self._monitor = self._monitor, None
+        if mon is None:
+            return
+        if not self._mon_loop.is_closed():
+            self._mon_loop.remove_reader(self._monitor_fd)
+        if self.dealer is not None and not self.dealer.closed:
+            self.dealer.disable_monitor()
+        mon.close(0)
+
+    def _on_monitor(self) -> None:
+        mon = self._monitor
+        lost = False
+        while mon is not None and not mon.closed and mon.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            try:
+                event = mon.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            lost = lost or int.from_bytes(event[0][:2], "little") == zmq.EVENT_DISCONNECTED
+        if lost:
+            self.counters["parent_disconnects"] += 1
+            self.parent_lost()
 
     def send_parent(self, frames: list) -> bool:
         if self.dealer is None:
@@ -105,7 +156,11 @@ class NodeLink:
     def _children_batch(self, batch: list) -> None:
         decode = self.loop.decode
         router = self.router
+        heard = self.heard_child
         for frames in batch:
+            # Heartbeats are most of the traffic: no body decode for them.
+            if heard is not None and p.peek_type(frames[1]) == p.MsgType.HEARTBEAT and heard(frames[0]):
+                continue
             got = decode(router, frames)
             if got is not None and self.on_child is not None:
                 self.on_child(bytes(got[0][0]), got[1])
@@ -116,6 +171,12 @@ class NodeLink:
             return
         decode = self.loop.decode
         for frames in batch:
+            if p.peek_type(frames[0]) == p.MsgType.HEARTBEAT:
+                # A parent repeats the same heartbeat body until its position changes.
+                if frames[1] == self._last_beat and self.heard_parent is not None:
+                    self.heard_parent()
+                    continue
+                self._last_beat = frames[1]
             got = decode(dealer, frames)
             if got is not None and self.on_parent is not None:
                 self.on_parent(got[1])

@@ -70,6 +70,7 @@ __all__ = [
     "codec",
     "new_codec",
     "plane_of",
+    "peek_type",
     "next_msg_id",
     "packb",
     "unpackb",
@@ -155,6 +156,11 @@ class Message(NamedTuple):
 
 def plane_of(msg_type: int) -> Plane:
     return Plane.DATA if msg_type >= DATA_PLANE_MIN else Plane.CONTROL
+
+
+def peek_type(header_frame) -> int:
+    """Message type of an already validated header frame, without parsing the rest."""
+    return header_frame[1]
 
 
 def new_codec() -> FrameCodec:

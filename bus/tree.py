@@ -16,12 +16,13 @@ node ``joining`` again (grandparent first, then the root) *with its subtree*;
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import os
 import random
 import time
 from dataclasses import dataclass, field, replace
-from typing import Awaitable, Callable, Protocol
+from typing import Callable, Protocol
 
 from bus import policy
 from bus import protocol as p
@@ -36,7 +37,8 @@ ROOT_ID = 1  # the manager is always node 1
 
 DETACHED, JOINING, ATTACHED, STOPPED = "detached", "joining", "attached", "stopped"
 
-Handler = Callable[["TreeNode", dict, float], Awaitable[object]]
+#: ``handler(node, args, budget)`` returns a value, or an awaitable of one.
+Handler = Callable[["TreeNode", dict, float], object]
 
 
 class Transport(Protocol):
@@ -75,7 +77,6 @@ class OpResult:
 @dataclass
 class _Op:
     op_id: int
-    link_ids: dict  # link -> ids behind it when the op was opened
     result: OpResult
     local_done: bool
     reply_dst: int  # the parent for a broadcast, the originator for a unicast; 0 = nobody
@@ -127,6 +128,7 @@ class TreeNode:
         self._ops: dict[int, _Op] = {}
         self._tasks: set[asyncio.Task] = set()
         self._gone: dict[int, str] = {}  # ids lost by send_down, for the op being opened
+        self._beat: tuple | None = None  # (node id, frames) of our heartbeat to the parent
         # join state
         self._candidates: list[str] = []
         self._join_deadline: float | None = None  # answer to the JOIN in flight due by
@@ -324,6 +326,27 @@ class TreeNode:
             self._route(msg, fp.LINK_UP)
 
     # -- messages from children --------------------------------------------------------
+    def heard_child(self, identity: bytes) -> bool:
+        """A heartbeat from ``identity`` (body not decoded); False if it is not our child."""
+        link = self._links.get(identity)
+        if link is None:
+            return False
+        self.children[link].last_heard = self.clock()
+        return True
+
+    def parent_lost(self) -> None:
+        """The connection to the parent closed (its process died): rejoin now.
+
+        Heartbeat silence still catches a parent that hangs or is cut off.
+        """
+        if self.state == ATTACHED and not self.is_root:
+            self._orphan(self.clock(), "closed the connection")
+
+    def heard_parent(self) -> None:
+        """A heartbeat from the parent identical to the previous one (body not decoded)."""
+        if self.state == ATTACHED:
+            self._parent_heard = self.clock()
+
     def on_child(self, identity: bytes, msg: p.Message) -> None:
         now = self.clock()
         t = msg.header.type
@@ -428,14 +451,14 @@ class TreeNode:
             return
         self._links.pop(child.identity, None)
         self.counters["children_lost"] += 1
-        for op in list(self._ops.values()):
-            if link in op.link_ids and link in self.aggregator.owing(op.op_id):
-                for i in op.link_ids[link]:
-                    op.result.missing.setdefault(i, "dead" if reason != "left" else "left")
+        waiting = [op for op in self._ops.values() if link in self.aggregator.owing(op.op_id)]
         done = self.aggregator.forget_link(link)
         lost = self.forwarder.remove_child(link)
         if child.node_id not in lost:
             lost.append(child.node_id)
+        for op in waiting:
+            for i in lost:
+                op.result.missing.setdefault(i, reason if i == child.node_id else "unreachable")
         log.info("%s: child %s %s (%d nodes behind it)", self.name, child.name, reason, len(lost))
         self.routes_lost(lost, reason, child.node_id)
         for op_id in done:
@@ -500,28 +523,38 @@ class TreeNode:
         self.counters["heartbeats_sent"] += len(self.children)
 
     def tick(self, now: float | None = None) -> None:
-        """Timers: joins, heartbeats, silent peers, operation deadlines."""
+        """Timers: joins, heartbeats, silent peers, operation deadlines.
+
+        Called often (a quarter heartbeat) for many nodes per process, so it
+        does real work only when a heartbeat is due or a deadline may have passed.
+        """
         now = self.clock() if now is None else now
-        if self.state == STOPPED:
+        state = self.state
+        if state == STOPPED:
             return
-        if self.state == JOINING:
+        if state == JOINING:
             if self._join_at is not None and now >= self._join_at:
                 self._try_next_candidate(now)
             elif self._join_deadline is not None and now >= self._join_deadline:
                 self._try_next_candidate(now)
-        if now - self._last_beat >= self.config.heartbeat:
-            self._last_beat = now
-            if self.state == ATTACHED and not self.is_root:
-                self.transport.send_parent(p.encode(p.MsgType.HEARTBEAT, None, src=self.node_id))
+        if self._ops:
+            for op_id in self.aggregator.expired(now):
+                self._expire(op_id)
+        if now - self._last_beat < self.config.heartbeat:
+            return
+        self._last_beat = now
+        if self.state == ATTACHED and not self.is_root:
+            if policy.is_silent(self._parent_heard, now, self.config):
+                self._orphan(now, "went silent")
+            else:
+                if self._beat is None or self._beat[0] != self.node_id:
+                    self._beat = (self.node_id, p.encode(p.MsgType.HEARTBEAT, None, src=self.node_id))
+                self.transport.send_parent(list(self._beat[1]))
                 self.counters["heartbeats_sent"] += 1
-            self._beat_children()
-        if self.state == ATTACHED and not self.is_root and policy.is_silent(self._parent_heard, now, self.config):
-            self._orphan(now, "went silent")
         for link, child in list(self.children.items()):
             if policy.is_silent(child.last_heard, now, self.config):
                 self._drop_child(link, "dead", now)
-        for op_id in self.aggregator.expired(now):
-            self._expire(op_id)
+        self._beat_children()
 
     # -- broadcast and convergecast -----------------------------------------------------
     def _on_command(self, msg: p.Message, from_link: int, now: float) -> None:
@@ -566,10 +599,9 @@ class TreeNode:
                  now: float, future: asyncio.Future | None = None) -> _Op:
         if op_id in self._ops:
             return self._ops[op_id]
-        link_ids = {link: self.routes.ids_via(link) for link in links}
         ids = body.get("ids")
         wants_me = not self.is_root and (ids is None or self.node_id in ids)
-        op = _Op(op_id, link_ids, OpResult(missing=self._gone), not wants_me, reply_dst, future)
+        op = _Op(op_id, OpResult(missing=self._gone), not wants_me, reply_dst, future)
         self._gone = {}
         self._ops[op_id] = op
         self.counters["ops"] += 1
@@ -581,13 +613,21 @@ class TreeNode:
                 self._add_local(op, {"error": f"unknown operation {body.get('op')!r}"})
             else:
                 budget = policy.child_budget(remaining, self.config)
-                op.task = self._spawn(self._run_local(op, handler, body.get("a") or {}, budget))
+                try:
+                    value = handler(self, body.get("a") or {}, budget)
+                except Exception as e:  # a handler bug must not take the node down
+                    log.exception("%s: handler failed", self.name)
+                    value = {"error": f"{type(e).__name__}: {e}"}
+                if inspect.isawaitable(value):
+                    op.task = self._spawn(self._run_local(op, value))
+                else:  # answered at once: no task, no extra loop turn
+                    self._add_local(op, value)
         self._maybe_finish(op_id)
         return op
 
-    async def _run_local(self, op: _Op, handler: Handler, args: dict, budget: float) -> None:
+    async def _run_local(self, op: _Op, pending) -> None:
         try:
-            value = await handler(self, args, budget)
+            value = await pending
         except asyncio.CancelledError:
             raise
         except Exception as e:  # a handler bug must not take the node down
@@ -628,7 +668,10 @@ class TreeNode:
             return
         self.counters["ops_expired"] += 1
         for link in self.aggregator.owing(op_id):
-            for i in op.link_ids.get(link, ()):
+            child = self.children.get(link)
+            if child is not None:
+                op.result.missing.setdefault(child.node_id, "timed out")
+            for i in self.routes.ids_via(link):
                 op.result.missing.setdefault(i, "timed out")
         if not op.local_done:
             op.result.missing.setdefault(self.node_id, "timed out")

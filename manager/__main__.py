@@ -11,17 +11,20 @@ import sys
 
 import click
 
-from bus.policy import POLICIES
+from bus.policy import POLICIES, TreeConfig
+
+_DEFAULTS = TreeConfig()
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--control", default="tcp://127.0.0.1:7070", show_default=True, help="Control endpoint to bind.")
 @click.option("--data", default="tcp://127.0.0.1:0", show_default=True, help="Data endpoint to bind.")
 @click.option("--state-dir", default=None, type=click.Path(file_okay=False), help="Write manager.json here.")
-@click.option("--max-children", type=click.IntRange(1, 100000), default=16, show_default=True)
+@click.option("--max-children", type=click.IntRange(1, 100000), default=_DEFAULTS.max_children, show_default=True)
 @click.option("--policy", type=click.Choice(POLICIES), default="randtree", show_default=True)
-@click.option("--heartbeat", type=float, default=0.25, show_default=True, help="Seconds between heartbeats.")
-@click.option("--misses", type=click.IntRange(1, 100), default=4, show_default=True,
+@click.option("--heartbeat", type=float, default=_DEFAULTS.heartbeat, show_default=True,
+              help="Seconds between heartbeats.")
+@click.option("--misses", type=click.IntRange(1, 100), default=_DEFAULTS.misses, show_default=True,
               help="Silent heartbeats before a peer is dead.")
 @click.option("--log-level", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
@@ -32,7 +35,6 @@ def main(control, data, state_dir, max_children, policy, heartbeat, misses, log_
     import signal
 
     from bus.planes import SocketSetupError
-    from bus.policy import TreeConfig
     from manager.server import Manager
 
     logging.basicConfig(level=log_level.upper(), stream=sys.stderr,

@@ -69,6 +69,7 @@ class Manager:
         self.root = RootNode(self.link, config=self.config, clock=self.clock)
         self.root.root_endpoint = self.link.control_endpoint
         self.link.on_child = self._on_control
+        self.link.heard_child = self.root.heard_child
         self._started = self.clock()
         self._ticker = asyncio.get_running_loop().create_task(self._tick_forever())
         self._write_state()

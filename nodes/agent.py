@@ -64,6 +64,9 @@ class NodeHost:
                             handlers=HANDLERS, rng=random.Random(self.rng.random()))
             link.on_child = node.on_child
             link.on_parent = node.on_parent
+            link.heard_child = node.heard_child
+            link.heard_parent = node.heard_parent
+            link.parent_lost = node.parent_lost
             self.links.append(link)
             self.nodes.append(node)
             node.start()
@@ -75,7 +78,7 @@ class NodeHost:
         while True:
             for node in self.nodes:
                 node.tick()
-            await asyncio.sleep(min(n.config.heartbeat for n in self.nodes) / 4)
+            await asyncio.sleep(self.nodes[0].config.heartbeat / 4 if self.nodes else 0.1)
 
     def joined(self) -> int:
         return sum(1 for n in self.nodes if n.state == ATTACHED)

@@ -1,6 +1,7 @@
 """Operations a bus-node runs when a COMMAND reaches it (broadcast or unicast).
 
-Each is ``async def op(node, args, budget) -> value``: ``budget`` is the time the
+Each is ``op(node, args, budget) -> value`` (or an ``async def`` for work that
+waits, like ``exec``): ``budget`` is the time the
 node has before its answer is due; the value is msgpack-able and identical
 values from different nodes are merged on the way up the tree.
 """
@@ -51,12 +52,12 @@ async def op_exec(node, args: dict, budget: float) -> dict:
     return {"stdout": _text(out), "stderr": _text(err), "rc": proc.returncode}
 
 
-async def op_ping(node, args: dict, budget: float) -> str:
+def op_ping(node, args: dict, budget: float) -> str:
     """A no-op: measures the tree's broadcast + convergecast round trip."""
     return "pong"
 
 
-async def op_info(node, args: dict, budget: float) -> dict:
+def op_info(node, args: dict, budget: float) -> dict:
     """This node's view of its tree position and counters."""
     return node.snapshot()
 
