@@ -41,9 +41,13 @@ def command(fn: Handler) -> Handler:
 
 @command
 async def cmd_ping(mgr, args: dict) -> dict:
-    """``ping`` -> {pid, epoch, uptime, members}: is the manager there, and how big is the tree."""
+    """``ping`` -> {pid, epoch, uptime, members}: is the manager there, and how big is the tree.
+
+    ``members`` counts live nodes that have registered (a node known only by a
+    route, between its ROUTE_ADD and its REGISTER, is not counted yet).
+    """
     return {"pid": os.getpid(), "epoch": mgr.root.epoch, "uptime": round(mgr.uptime(), 3),
-            "members": len(mgr.membership.alive())}
+            "members": sum(1 for m in mgr.membership.alive() if m.name)}
 
 
 @command
