@@ -399,7 +399,10 @@ class TreeNode:
         if not jid:
             jid = self.assign_id(body)
             body = dict(body, id=jid)
-        sizes = {link: 1 + len(self.routes.ids_via(link)) for link in self.children}
+        if self.placement_policy() == policy.BALANCED:
+            sizes = {link: 1 + len(self.routes.ids_via(link)) for link in self.children}
+        else:  # sizes only matter to the balanced policy; skip the O(subtree) count
+            sizes = dict.fromkeys(self.children, 1)
         exclude = {link for link, c in self.children.items() if c.node_id in sub or c.node_id == jid}
         choice = policy.place(sizes, self.config.max_children, self.placement_policy(), self.rng, exclude)
         if choice == policy.ACCEPT:
