@@ -55,6 +55,7 @@ class NodeLink:
         self.heard_child: Callable[[bytes], bool] | None = None
         self.heard_parent: Callable[[], None] | None = None
         self.parent_lost: Callable[[], None] | None = None
+        self.connect_refused: Callable[[], None] | None = None
         self._last_beat = b""
         self._monitor = None
         self._monitor_fd = -1
@@ -104,14 +105,15 @@ class NodeLink:
     # -- connection loss -----------------------------------------------------------
     # A killed process's TCP connections close at once; libzmq reports that on
     # the DEALER's monitor socket (EVENT_DISCONNECTED), so an orphan rejoins in
-    # milliseconds instead of waiting for heartbeat silence.  The monitor is a
+    # milliseconds instead of waiting for heartbeat silence.  A refused connect
+    # (EVENT_CONNECT_RETRIED) tells a joining node its candidate is gone too.  The monitor is a
     # PAIR socket whose messages are libzmq events, not bus messages, so it is
     # watched here with its own reader rather than through the PlaneLoop.
     def _watch(self, dealer) -> None:
         if self.parent_lost is None:
             return
         loop = self._mon_loop = asyncio.get_running_loop()
-        self._monitor = dealer.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self._monitor = dealer.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED)
         self._monitor_fd = self._monitor.getsockopt(zmq.FD)
         loop.add_reader(self._monitor_fd, self._on_monitor)
         self._on_monitor()  # the FD is edge-triggered: look once now
@@ -128,16 +130,21 @@ class NodeLink:
 
     def _on_monitor(self) -> None:
         mon = self._monitor
-        lost = False
+        lost = refused = False
         while mon is not None and not mon.closed and mon.getsockopt(zmq.EVENTS) & zmq.POLLIN:
             try:
                 event = mon.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 break
-            lost = lost or int.from_bytes(event[0][:2], "little") == zmq.EVENT_DISCONNECTED
+            kind = int.from_bytes(event[0][:2], "little")
+            lost = lost or kind == zmq.EVENT_DISCONNECTED
+            refused = refused or kind == zmq.EVENT_CONNECT_RETRIED
         if lost:
             self.counters["parent_disconnects"] += 1
             self.parent_lost()
+        elif refused and self.connect_refused is not None:
+            # Nothing listens there (that candidate parent died too): skip it now.
+            self.connect_refused()
 
     def send_parent(self, frames: list) -> bool:
         if self.dealer is None:

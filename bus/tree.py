@@ -342,6 +342,11 @@ class TreeNode:
         if self.state == ATTACHED and not self.is_root:
             self._orphan(self.clock(), "closed the connection")
 
+    def connect_refused(self) -> None:
+        """The candidate parent's endpoint refused the connection: try the next one now."""
+        if self.state == JOINING and self._join_deadline is not None:
+            self._join_deadline = self.clock()
+
     def heard_parent(self) -> None:
         """A heartbeat from the parent identical to the previous one (body not decoded)."""
         if self.state == ATTACHED:

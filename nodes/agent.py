@@ -67,6 +67,7 @@ class NodeHost:
             link.heard_child = node.heard_child
             link.heard_parent = node.heard_parent
             link.parent_lost = node.parent_lost
+            link.connect_refused = node.connect_refused
             self.links.append(link)
             self.nodes.append(node)
             node.start()

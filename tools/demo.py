@@ -450,7 +450,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.count < 1:
         parser.error("--count must be >= 1")
-    return asyncio.run(run_tour(args.count))
+    status = asyncio.run(run_tour(args.count))
+    from tools import demo_cluster
+
+    return status or demo_cluster.run()
 
 
 if __name__ == "__main__":
