@@ -56,6 +56,7 @@ _U8 = 0xFF
 _U16 = 0xFFFF
 _U32 = 0xFFFFFFFF
 _U64 = 0xFFFFFFFFFFFFFFFF
+_I32 = 0x7FFFFFFF  # largest link id (links are C int32 in the compiled twin)
 _GOLDEN = 0x9E3779B97F4A7C15  # multiplicative hash for dedup keys
 
 
@@ -77,14 +78,29 @@ def _nbytes(frame) -> int:
 
 
 class Header:
-    """A parsed header; fields are read-only."""
+    """A parsed header; fields are read-only.
+
+    Built by :meth:`FrameCodec.parse`; built by hand, every field is range-checked
+    against its wire width (``OverflowError``), as the compiled twin stores them in C.
+    """
 
     __slots__ = ("_t",)
 
     def __init__(self, version, type, flags, msg_id, ref, src, dst, ttl, hops, extra, body_len):
-        object.__setattr__(
-            self, "_t", (version, type, flags, msg_id, ref, src, dst, ttl, hops, extra, body_len)
+        t = (
+            _check(version, _U8, "version"),
+            _check(type, _U8, "type"),
+            _check(flags, _U16, "flags"),
+            _check(msg_id, _U64, "msg_id"),
+            _check(ref, _U64, "ref"),
+            _check(src, _U32, "src"),
+            _check(dst, _U32, "dst"),
+            _check(ttl, _U8, "ttl"),
+            _check(hops, _U8, "hops"),
+            _check(extra, _U16, "extra"),
+            _check(body_len, _U32, "body_len"),
         )
+        object.__setattr__(self, "_t", t)
 
     def __setattr__(self, name, value):
         raise AttributeError("Header is read-only")
@@ -119,6 +135,13 @@ class Header:
             f"ref={self._t[4]}, src={self._t[5]}, dst={self._t[6]}, ttl={self._t[7]}, "
             f"hops={self._t[8]}, extra={self._t[9]}, body_len={self._t[10]})"
         )
+
+
+def _header(t: tuple) -> Header:
+    # Unpacked fields are in range by construction: skip Header.__init__'s checks.
+    h = object.__new__(Header)
+    object.__setattr__(h, "_t", t)
+    return h
 
 
 class FrameCodec:
@@ -204,7 +227,7 @@ class FrameCodec:
             self._c["too_large"] += 1
             raise FrameTooLarge(f"body of {t[10]} bytes exceeds the limit of {self._max_body}")
         self._c["parsed"] += 1
-        return Header(*t)
+        return _header(t)
 
     def check_frame_size(self, nbytes: int) -> None:
         """Raise ``FrameTooLarge`` for a frame over ``max_frame`` bytes."""
@@ -251,6 +274,7 @@ class RoutingTable:
         node_id = _check(node_id, _U32, "node_id")
         if link < 0:
             raise ValueError(f"link must be >= 0, got {link}")
+        link = _check(link, _I32, "link")
         old = self._next.get(node_id)
         if old is not None:
             if old == link:
@@ -379,6 +403,9 @@ class Forwarder:
 
     def seen(self, src: int, msg_id: int) -> bool:
         """Record (src, msg_id); True if it was already in the window."""
+        return self._seen_key(_check(src, _U32, "src"), _check(msg_id, _U64, "msg_id"))
+
+    def _seen_key(self, src: int, msg_id: int) -> bool:
         key = ((msg_id * _GOLDEN) & _U64) ^ src
         if key in self._seen:
             return True
@@ -401,7 +428,7 @@ class Forwarder:
             return LINK_DROP
         dst = h.dst
         if dst == BROADCAST_ID:
-            if self.seen(h.src, h.msg_id):
+            if self._seen_key(h.src, h.msg_id):
                 c["dropped_duplicate"] += 1
                 return LINK_DROP
             c["broadcast"] += 1
@@ -508,7 +535,8 @@ class Aggregator:
         while heap and heap[0][0] <= now:
             _, op_id = heapq.heappop(heap)
             op = self._ops.get(op_id)
-            if op is not None and op[4] == 0:
+            # op[3] <= now: skip a stale entry left by a closed op whose id was reopened.
+            if op is not None and op[4] == 0 and op[3] <= now:
                 op[4] = 2
                 self._c["expired"] += 1
                 out.append(op_id)
@@ -726,7 +754,8 @@ class LoadTable:
         total = self._total_spare()
         if total <= 0:
             return self.pick()
-        target = int(r * total)
+        # r * total rounds in floating point; clamp so r close to 1 cannot overshoot.
+        target = min(int(r * total), total - 1)
         # Smallest slot whose prefix sum exceeds target (Fenwick descent).
         n = len(self._fen) - 1
         pos = 0
@@ -804,11 +833,15 @@ def relay(in_socket, out_socket, forwarder: Forwarder, max_msgs: int, header_ind
 
     Each message's frame ``header_index`` is routed by ``forwarder``; messages
     routed to a child link or up are sent on with ttl/hops advanced, others
-    dropped.  Non-blocking: stops at the first EAGAIN.  Returns
+    dropped.  Non-blocking on receive: stops at the first EAGAIN.  A send that
+    meets a full peer (EAGAIN, HWM reached) blocks until it fits: back-pressure
+    propagates to ``in_socket`` instead of losing accepted messages.  Returns
     ``(received, forwarded)``.
     """
     import zmq
 
+    if header_index < 0:
+        raise ValueError(f"header_index must be >= 0, got {header_index}")
     received = forwarded = 0
     codec = forwarder._codec
     try:
