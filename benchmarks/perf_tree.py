@@ -63,14 +63,20 @@ class Cluster:
         self.max_children = max_children
 
     def __enter__(self) -> "Cluster":
-        self.manager = cluster.start_manager(self.sdir, port=0, policy=self.policy, max_children=self.max_children)
-        self.endpoint = self.manager["control"]
-        self.client = CtlClient(self.endpoint, timeout=60)
-        t0 = time.monotonic()
-        per = -(-self.n // self.procs)
-        self.nodes = cluster.start_nodes(self.sdir, self.n, per_process=per)
-        self.wait_members(self.n)
-        self.joined_in = time.monotonic() - t0
+        self.client = None
+        try:
+            self.manager = cluster.start_manager(self.sdir, port=0, policy=self.policy,
+                                                 max_children=self.max_children)
+            self.endpoint = self.manager["control"]
+            self.client = CtlClient(self.endpoint, timeout=60, connect_timeout=10)
+            t0 = time.monotonic()
+            per = -(-self.n // self.procs)
+            self.nodes = cluster.start_nodes(self.sdir, self.n, per_process=per)
+            self.wait_members(self.n)
+            self.joined_in = time.monotonic() - t0
+        except BaseException:
+            self.__exit__()  # never leave a half-started cluster behind
+            raise
         return self
 
     def wait_members(self, n: int, timeout: float = 120.0) -> None:
@@ -82,7 +88,8 @@ class Cluster:
             time.sleep(0.02)
 
     def __exit__(self, *exc) -> None:
-        self.client.close()
+        if self.client is not None:
+            self.client.close()
         cluster.down(self.sdir, grace=2.0)
         shutil.rmtree(self.sdir, ignore_errors=True)
 

@@ -129,6 +129,8 @@ class TreeNode:
         self._tasks: set[asyncio.Task] = set()
         self._gone: dict[int, str] = {}  # ids lost by send_down, for the op being opened
         self._beat: tuple | None = None  # (node id, frames) of our heartbeat to the parent
+        self._announced: list[int] = []  # the subtree our last JOIN announced
+        self._unsent_lost: list[tuple] = []  # losses below us while we were not attached
         # join state
         self._candidates: list[str] = []
         self._join_deadline: float | None = None  # answer to the JOIN in flight due by
@@ -210,12 +212,13 @@ class TreeNode:
     def _send_join(self, endpoint: str, now: float) -> None:
         self.transport.connect_parent(endpoint)
         self.parent_endpoint = endpoint
+        self._announced = self.routes_ids()
         body = {
             "id": self.node_id,
             "name": self.name,
             "ctl": self.transport.control_endpoint,
             "data": self.transport.data_endpoint,
-            "sub": self.routes_ids(),
+            "sub": self._announced,
             "attrs": self.attrs,
             "pid": os.getpid(),
         }
@@ -250,6 +253,21 @@ class TreeNode:
         self.counters["rejoins" if rejoin else "joins"] += 1
         orphaned_for = now - self._orphaned_at if rejoin else 0.0
         self._orphaned_at = None
+        # Route changes below us while we were joining could not travel up:
+        # correct the subtree the JOIN announced, or a dead node would live on.
+        announced, current = set(self._announced), set(self.routes_ids())
+        gone = announced - current
+        for ids, reason, dead in self._unsent_lost:  # with the reason we knew then
+            ids = [i for i in ids if i in gone]
+            if ids:
+                gone.difference_update(ids)
+                self.send_up(p.MsgType.ROUTE_LOST, {"ids": ids, "reason": reason, "dead": dead}, to_parent=True)
+        self._unsent_lost = []
+        if gone:
+            self.send_up(p.MsgType.ROUTE_LOST, {"ids": sorted(gone), "reason": "dead", "dead": None},
+                         to_parent=True)
+        if current - announced:
+            self.send_up(p.MsgType.ROUTE_ADD, {"ids": sorted(current - announced)}, to_parent=True)
         self._set_epoch(body.get("ep", 0), "rejoined" if rejoin else "joined", orphaned_for)
         self._beat_children()  # children learn the new depth/grandparent at once
 
@@ -478,8 +496,12 @@ class TreeNode:
             self.send_up(p.MsgType.ROUTE_ADD, {"ids": ids}, to_parent=True)
 
     def routes_lost(self, ids: list, reason: str, dead: int | None) -> None:
-        if ids:
-            self.send_up(p.MsgType.ROUTE_LOST, {"ids": ids, "reason": reason, "dead": dead}, to_parent=True)
+        if not ids:
+            return
+        if self.state != ATTACHED:
+            self._unsent_lost.append((list(ids), reason, dead))  # reported once we are accepted
+            return
+        self.send_up(p.MsgType.ROUTE_LOST, {"ids": ids, "reason": reason, "dead": dead}, to_parent=True)
 
     def send_up(self, msg_type, body: dict, to_parent: bool = False) -> None:
         """Send toward the root (to the parent for hop-by-hop messages)."""

@@ -282,3 +282,22 @@ def test_broadcast_to_a_closed_connection_names_the_subtree_dead_at_once():
         assert all(res.missing[i] in ("dead", "unreachable") for i in victim.routes_ids())
 
     asyncio.run(main())
+
+
+def test_a_death_below_a_joining_orphan_is_not_resurrected():
+    net = build(3, max_children=1)  # a chain: root - n0 - n1 - n2
+    n0, mid, leaf = net.nodes["n0"], net.nodes["n1"], net.nodes["n2"]
+    assert net.parent_of(mid) is n0 and net.parent_of(leaf) is mid
+    net.kill("n0")
+    net.now += net.config.heartbeat
+    net.root.tick()  # the root's heartbeat to n0 fails: n0 dead, n1 and n2 unreachable
+    assert net.root.membership.members[leaf.node_id].state == "unreachable"
+    mid.parent_lost()
+    mid.tick()  # JOIN to the root is now in flight, announcing n2 in its subtree
+    net.kill("n2")
+    net.now += net.config.heartbeat
+    mid.tick()  # its heartbeat to n2 fails: n2 is dropped while mid is still joining
+    net.tick(1.0)  # the JOIN is accepted with the stale subtree; mid must correct it
+    net.check_tree()
+    assert net.root.routes.lookup(leaf.node_id) < 0
+    assert net.root.membership.members[leaf.node_id].state == "dead"
