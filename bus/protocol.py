@@ -108,7 +108,8 @@ class MsgType(IntEnum):
     HEARTBEAT_ACK = 7
     ROUTE_ADD = 8  # child -> parent: ids now reachable through me
     ROUTE_LOST = 9  # child -> parent: ids no longer reachable
-    REGISTER = 10  # node -> root: who I am and what I host (after a root restart)
+    REGISTER = 10  # node -> root: who I am and what I host (after a join or a root restart)
+    REGISTER_ACK = 11  # root -> node (unicast): registration recorded; the node stops re-sending
     # commands and convergecast
     COMMAND = 16  # down the tree (broadcast or unicast)
     REPLY = 17  # up the tree, merged per level

@@ -131,6 +131,8 @@ class TreeNode:
         self._beat: tuple | None = None  # (node id, frames) of our heartbeat to the parent
         self._announced: list[int] = []  # the subtree our last JOIN announced
         self._unsent_lost: list[tuple] = []  # losses below us while we were not attached
+        self._registration: dict = {}
+        self._register_due: float | None = None  # re-send REGISTER then, unless acknowledged
         # join state
         self._candidates: list[str] = []
         self._join_deadline: float | None = None  # answer to the JOIN in flight due by
@@ -276,9 +278,16 @@ class TreeNode:
         self.epoch = epoch
         if reason in ("joined", "rejoined") or self.registered_epoch != epoch:
             self.registered_epoch = epoch
-            self.send_up(p.MsgType.REGISTER, self.registration(reason, orphaned_for))
+            self._registration = self.registration(reason, orphaned_for)
+            self._send_registration()
         if changed:
             self._beat_children()
+
+    def _send_registration(self) -> None:
+        # REGISTER crosses several hops, and a hop whose own parent is gone at
+        # that moment drops it: re-send until the root acknowledges it.
+        self._register_due = self.clock() + self.config.join_timeout * (1.5 + self.rng.random())
+        self.send_up(p.MsgType.REGISTER, self._registration)
 
     def registration(self, reason: str, orphaned_for: float = 0.0) -> dict:
         return {
@@ -533,8 +542,23 @@ class TreeNode:
 
     def deliver(self, msg: p.Message, from_link: int) -> None:
         """A unicast message addressed to this node (the root overrides it)."""
-        if msg.header.type == p.MsgType.COMMAND:
+        t = msg.header.type
+        if t == p.MsgType.COMMAND:
             self._on_command(msg, from_link, self.clock())
+        elif t == p.MsgType.REGISTER_ACK:
+            body = msg.body if isinstance(msg.body, dict) else {}
+            if body.get("ep") == self.epoch:
+                self._register_due = None
+
+    def unicast(self, node_id: int, msg_type, body: dict) -> bool:
+        """Send to one node: down through the routing table, else up toward the root."""
+        frames = p.encode(msg_type, body, src=self.node_id, dst=node_id, using=self.codec)
+        child = self.children.get(self.routes.lookup(node_id))
+        if child is not None:
+            return self.transport.send_child(child.identity, frames)
+        if self.state == ATTACHED and not self.is_root:
+            return self.transport.send_parent(frames)
+        return False
 
     # -- heartbeats and failure detection ------------------------------------------------
     def _beat_children(self) -> None:
@@ -573,6 +597,9 @@ class TreeNode:
         if now - self._last_beat < self.config.heartbeat:
             return
         self._last_beat = now
+        if self._register_due is not None and now >= self._register_due and self.state == ATTACHED:
+            self._registration["retry"] = True
+            self._send_registration()
         if self.state == ATTACHED and not self.is_root:
             if policy.is_silent(self._parent_heard, now, self.config):
                 self._orphan(now, "went silent")

@@ -88,6 +88,8 @@ class Membership:
         m = self.members.get(i)
         if m is None:
             m = self.members[i] = Member(i, since=now)
+        # A retried REGISTER whose first copy arrived changes nothing worth an event.
+        quiet = bool(info.get("retry")) and m.name == name and m.parent == info.get("parent", 0)
         m.name = name
         m.parent = info.get("parent", 0)
         m.control = info.get("ctl", "")
@@ -100,7 +102,9 @@ class Membership:
             m.since = now
         reason = info.get("reason", "joined")
         parent = self.name_of(m.parent)
-        if reason == "rejoined":
+        if quiet:
+            pass
+        elif reason == "rejoined":
             self._event("rejoined", name, f"under {parent} after {info.get('orphaned_for', 0):.2f}s as an orphan")
         elif reason == "joined":
             self._event("joined", name, f"under {parent}")

@@ -66,6 +66,7 @@ class RootNode(TreeNode):
         if t == p.MsgType.REGISTER and body.get("id"):
             if self.routes.lookup(body["id"]) >= 0:
                 self.membership.registered(body)
+                self.unicast(body["id"], p.MsgType.REGISTER_ACK, {"ep": self.epoch})
         elif t == p.MsgType.REPLY:
             fut = self._unicast.pop(msg.header.ref, None)
             if fut is not None and not fut.done():
@@ -90,15 +91,13 @@ class RootNode(TreeNode):
     async def request(self, node_id: int, op: str, args: dict, *, timeout: float = 10.0) -> dict:
         """Unicast ``op`` to one node through the routing tables; its reply body."""
         op_id = p.next_msg_id()
-        link = self.routes.lookup(node_id)
-        child = self.children.get(link)
-        if child is None:
+        if self.routes.lookup(node_id) < 0:
             raise LookupError(f"no route to node #{node_id}")
         fut = asyncio.get_running_loop().create_future()
         self._unicast[op_id] = fut
         frames = p.encode(p.MsgType.COMMAND, {"op": op, "a": args, "rem": timeout},
                           src=self.node_id, dst=node_id, msg_id=op_id)
-        self.transport.send_child(child.identity, frames)
+        self.transport.send_child(self.children[self.routes.lookup(node_id)].identity, frames)
         try:
             return await asyncio.wait_for(fut, timeout)
         finally:

@@ -301,3 +301,25 @@ def test_a_death_below_a_joining_orphan_is_not_resurrected():
     net.check_tree()
     assert net.root.routes.lookup(leaf.node_id) < 0
     assert net.root.membership.members[leaf.node_id].state == "dead"
+
+
+def test_a_lost_registration_is_sent_again_until_acknowledged():
+    net = FakeNet(TreeConfig(max_children=2))
+    node = net.add("n0")
+    real = net.root.deliver
+
+    def drop_first_register(msg, link, dropped=[]):
+        if msg.header.type == p.MsgType.REGISTER and not dropped:
+            dropped.append(msg)  # lost on the way (a hop had no parent at that moment)
+            return
+        real(msg, link)
+
+    net.root.deliver = drop_first_register
+    net.tick(0.5)
+    assert net.root.membership.members[node.node_id].name == ""  # known only by its route
+    net.tick(5.0)
+    assert net.root.membership.members[node.node_id].name == "n0"
+    assert node._register_due is None, "the root acknowledged it; no more re-sends"
+    sent = node.transport.sent
+    net.tick(5.0)
+    assert node.transport.sent - sent <= 5 / net.config.heartbeat + 1, "only heartbeats from now on"
