@@ -167,8 +167,8 @@ def bench_repair(c: Cluster, args) -> None:
         print(f"    killed {victim['name']} ({len(alive) - len(survivors)} nodes, {interior} orphans in other"
               f" processes): all survivors reached after {times[-1]:.3f} s", flush=True)
         # Bring the process back so the next trial starts from N nodes again.
-        cluster.start_nodes(c.sdir, len(alive) - len(survivors), per_process=len(alive) - len(survivors),
-                            prefix=victim["name"] + "r")
+        hosted = victim.get("virtual") or 1
+        cluster.start_nodes(c.sdir, hosted, per_process=hosted, prefix=victim["name"] + "r")
         c.wait_members(c.n, timeout=60)
     p50 = statistics.median(times)
     row(f"repair after kill -9 of {100 // args.procs}% (p50 of {len(times)})", p50, "s", "<= 2 s", p50 <= 2.0)

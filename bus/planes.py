@@ -48,7 +48,7 @@ import zmq.asyncio
 from bus import protocol
 from bus.protocol import (DATA_PLANE_MIN, HEADER_SIZE, BusError, ErrorCode, MalformedFrame, Message, Plane,
                           ProtocolError, UnknownType)
-from core.fastpath import drain
+from core.fastpath import drain, send_nowait
 
 __all__ = [
     "PlaneError", "SocketSetupError", "PeerUnreachable", "SocketFactory", "PlaneLoop",
@@ -65,7 +65,6 @@ Handler = Callable[[list], Any]
 _POLLIN = int(zmq.POLLIN)  # plain ints: IntFlag arithmetic costs microseconds per send
 _POLLOUT = int(zmq.POLLOUT)
 _EVENTS = int(zmq.EVENTS)
-_NOBLOCK = int(zmq.NOBLOCK)
 
 
 class PlaneError(BusError):
@@ -700,19 +699,19 @@ class PlaneLoop:
             # Keep per-peer order: nothing may overtake a parked control message.
             return self._park(reg, key, frames)
         try:
-            socket.send_multipart(frames, _NOBLOCK)
-        except zmq.Again:
-            c.send_eagain += 1
-            self._mark(reg)
-            if reg.is_data:
-                return False
-            return self._park(reg, key, frames)
+            sent = send_nowait(socket, frames)  # straight to libzmq in the compiled twin
         except zmq.ZMQError as e:
             self._mark(reg)
             if e.errno == zmq.EHOSTUNREACH:
                 c.unreachable += 1
                 raise PeerUnreachable(bytes(key)) from e
             raise PlaneError(f"send on {reg.plane.name.lower()}-plane socket {reg.name} failed: {e}") from e
+        if not sent:
+            c.send_eagain += 1
+            self._mark(reg)
+            if reg.is_data:
+                return False
+            return self._park(reg, key, frames)
         c.sent += 1
         # The send processed the socket's commands and may have eaten the FD
         # signal of newly arrived input: have the pump re-read EVENTS.
@@ -755,18 +754,17 @@ class PlaneLoop:
         if reg.pending:
             blocked = set()
             keep: collections.deque = collections.deque()
-            send = reg.socket.send_multipart
+            sock = reg.socket
             while reg.pending:
                 key, frames = item = reg.pending.popleft()
                 if key in blocked:
                     keep.append(item)
                     continue
                 try:
-                    send(frames, _NOBLOCK)
-                except zmq.Again:
-                    blocked.add(key)  # this peer is still full; others may not be
-                    keep.append(item)
-                    continue
+                    if not send_nowait(sock, frames):
+                        blocked.add(key)  # this peer is still full; others may not be
+                        keep.append(item)
+                        continue
                 except zmq.ZMQError as e:
                     # The peer left while its message waited: drop, count, go on.
                     c.send_dropped += 1

@@ -70,6 +70,7 @@ __all__ = [
     "LoadTable",
     "Credits",
     "drain",
+    "send_nowait",
     "relay",
 ]
 

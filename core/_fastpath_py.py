@@ -39,6 +39,7 @@ __all__ = [
     "LoadTable",
     "Credits",
     "drain",
+    "send_nowait",
     "relay",
 ]
 
@@ -826,6 +827,23 @@ def drain(socket, max_msgs: int) -> list:
     except zmq.Again:
         pass
     return out
+
+
+def send_nowait(socket, frames) -> bool:
+    """Send one multipart message without blocking; False (nothing sent) if the queue is full.
+
+    Other libzmq errors (EHOSTUNREACH from a ROUTER_MANDATORY socket, ETERM,
+    ...) raise as pyzmq raises them.
+    """
+    import zmq
+
+    if len(frames) == 0:
+        raise ValueError("a message needs at least one frame")
+    try:
+        socket.send_multipart(frames, zmq.NOBLOCK)
+    except zmq.Again:
+        return False
+    return True
 
 
 def relay(in_socket, out_socket, forwarder: Forwarder, max_msgs: int, header_index: int = 0) -> tuple:

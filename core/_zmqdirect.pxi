@@ -53,6 +53,7 @@ ctypedef int (*_msg_get_fn)(const zmq_msg_t *msg, int property) noexcept nogil
 ctypedef int (*_errno_fn)() noexcept nogil
 ctypedef const char *(*_strerror_fn)(int errnum) noexcept nogil
 ctypedef void (*_version_fn)(int *major, int *minor, int *patch) noexcept nogil
+ctypedef int (*_send_fn)(void *socket, const void *buf, size_t len, int flags) noexcept nogil
 
 cdef struct _ZmqApi:
     bint ready
@@ -60,6 +61,7 @@ cdef struct _ZmqApi:
     _msg_init_size_fn msg_init_size
     _msg_io_fn msg_recv
     _msg_io_fn msg_send
+    _send_fn send
     _msg_fn msg_close
     _msg_data_fn msg_data
     _msg_size_fn msg_size
@@ -124,6 +126,7 @@ cdef int _zmq_load() except -1:
     _zmq.msg_init_size = <_msg_init_size_fn>_sym(h, b"zmq_msg_init_size", path)
     _zmq.msg_recv = <_msg_io_fn>_sym(h, b"zmq_msg_recv", path)
     _zmq.msg_send = <_msg_io_fn>_sym(h, b"zmq_msg_send", path)
+    _zmq.send = <_send_fn>_sym(h, b"zmq_send", path)
     _zmq.msg_close = <_msg_fn>_sym(h, b"zmq_msg_close", path)
     _zmq.msg_data = <_msg_data_fn>_sym(h, b"zmq_msg_data", path)
     _zmq.msg_size = <_msg_size_fn>_sym(h, b"zmq_msg_size", path)
@@ -287,6 +290,54 @@ def drain(socket, max_msgs):
         if f.on_heap:
             PyMem_Free(f.msgs)
     return out
+
+
+def send_nowait(socket, frames):
+    """Send one multipart message without blocking; False (nothing sent) if the queue is full.
+
+    Other libzmq errors (EHOSTUNREACH from a ROUTER_MANDATORY socket, ETERM,
+    ...) raise the exception pyzmq would.  Once libzmq accepts the first
+    frame it accepts the rest of the message (the pipe reserves room for it);
+    a later frame that still meets EAGAIN is finished with a blocking send.
+    """
+    cdef Py_ssize_t n = len(frames), i
+    cdef int err, flags, rc
+    cdef void *sock
+    cdef const char *data
+    cdef size_t size
+    cdef const unsigned char[::1] view
+    if n == 0:
+        raise ValueError("a message needs at least one frame")
+    _zmq_load()
+    sock = _handle(socket)
+    for i in range(n):
+        frame = frames[i]
+        if PyBytes_Check(frame):
+            data = PyBytes_AS_STRING(frame)
+            size = <size_t>PyBytes_GET_SIZE(frame)
+        else:  # bytearray, memoryview, zmq.Frame: any buffer
+            view = memoryview(frame).cast("B")
+            size = <size_t>view.shape[0]
+            data = <const char *>&view[0] if size else NULL
+        flags = _zmq.SNDMORE if i < n - 1 else 0
+        while _zmq.send(sock, data, size, flags | _zmq.DONTWAIT) < 0:
+            err = _zmq.zerrno()
+            if err == EINTR:
+                PyErr_CheckSignals()
+            elif err == EAGAIN and i == 0:
+                return False
+            elif err == EAGAIN:
+                # The rest of an accepted message: wait for room without the GIL.
+                with nogil:
+                    rc = _zmq.send(sock, data, size, flags)
+                    err = 0 if rc >= 0 else _zmq.zerrno()
+                if rc >= 0:
+                    break
+                if err != EINTR:
+                    _raise_zmq(err)
+            else:
+                _raise_zmq(err)
+    return True
 
 
 def relay(in_socket, out_socket, Forwarder forwarder not None, max_msgs, header_index=0):

@@ -28,6 +28,7 @@ __all__ = [
     "LoadTable",
     "Credits",
     "drain",
+    "send_nowait",
     "relay",
     "twins",
 ]
@@ -64,6 +65,7 @@ Aggregator = _impl.Aggregator
 LoadTable = _impl.LoadTable
 Credits = _impl.Credits
 drain = _impl.drain
+send_nowait = _impl.send_nowait
 relay = _impl.relay
 
 FrameCodecPy = _fastpath_py.FrameCodec

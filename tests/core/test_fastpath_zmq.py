@@ -287,3 +287,31 @@ def test_twins_relay_alike(both, zctx, mkcodec):
         results.append((counts, got, dict(fwd.statistics()), dict(codec.statistics())))
     assert results[0] == results[1]
     assert results[0][0][1] > 50
+
+
+def test_send_nowait_sends_whole_messages_and_reports_a_full_queue(fp, zctx):
+    a = zctx.socket(zmq.PAIR)
+    b = zctx.socket(zmq.PAIR)
+    a.setsockopt(zmq.SNDHWM, 5)
+    b.setsockopt(zmq.RCVHWM, 5)
+    a.bind("inproc://send-nowait")
+    b.connect("inproc://send-nowait")
+    assert fp.send_nowait(a, [b"h", bytearray(b"b"), memoryview(b"mv"), b""]) is True
+    assert b.recv_multipart() == [b"h", b"b", b"mv", b""]
+    sent = 0
+    while fp.send_nowait(a, [b"x", b"y"]):
+        sent += 1
+        assert sent < 1000, "a full queue must answer False, not block"
+    got = fp.drain(b, 10_000)
+    assert len(got) == sent and all(m == [b"x", b"y"] for m in got), "no partial message"
+    with pytest.raises(ValueError):
+        fp.send_nowait(a, [])
+
+
+def test_send_nowait_raises_for_an_unknown_router_peer(fp, zctx):
+    r = zctx.socket(zmq.ROUTER)
+    r.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    r.bind("inproc://send-nowait-router")
+    with pytest.raises(zmq.ZMQError) as e:
+        fp.send_nowait(r, [b"nobody", b"x"])
+    assert e.value.errno == zmq.EHOSTUNREACH
