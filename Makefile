@@ -13,10 +13,12 @@ all: test
 
 $(VPY):
 	$(PY) -m venv $(VENV)
-	$(VPY) -m pip install -q --upgrade pip setuptools wheel
 
+# Build requirements go into the venv first, so the editable install (which
+# compiles core/_fastpath.pyx in place) and later `make build` use the same Cython.
 $(STAMP): $(VPY) pyproject.toml setup.py
-	$(VPY) -m pip install -q -e '.[test]'
+	$(VPY) -m pip install -q --upgrade pip setuptools wheel 'Cython>=3.0'
+	$(VPY) -m pip install -q --no-build-isolation -e '.[test]'
 	touch $(STAMP)
 
 install: $(STAMP)
