@@ -48,7 +48,7 @@ import zmq.asyncio
 from bus import protocol
 from bus.protocol import (DATA_PLANE_MIN, HEADER_SIZE, BusError, ErrorCode, MalformedFrame, Message, Plane,
                           ProtocolError, UnknownType)
-from core.fastpath import drain, send_nowait
+from core.fastpath import drain, events, send_nowait
 
 __all__ = [
     "PlaneError", "SocketSetupError", "PeerUnreachable", "SocketFactory", "PlaneLoop",
@@ -64,7 +64,6 @@ Handler = Callable[[list], Any]
 
 _POLLIN = int(zmq.POLLIN)  # plain ints: IntFlag arithmetic costs microseconds per send
 _POLLOUT = int(zmq.POLLOUT)
-_EVENTS = int(zmq.EVENTS)
 
 
 class PlaneError(BusError):
@@ -381,7 +380,6 @@ class _Reg:
         self.pending: collections.deque = collections.deque()  # (peer key, frames)
         self.pending_peers: collections.Counter = collections.Counter()
         self.waiters: list[asyncio.Future] = []
-        self.events = socket.getsockopt  # bound once: called on every visit
 
 
 class PlaneLoop:
@@ -602,7 +600,7 @@ class PlaneLoop:
         if self._regs.get(reg.socket) is not reg:
             return False  # removed (and maybe closed) by a handler earlier in this round
         try:
-            ev = reg.events(_EVENTS)
+            ev = events(reg.socket)
             if reg.pending or reg.waiters:
                 self._flush(reg, ev)
             if not ev & _POLLIN:
@@ -612,7 +610,7 @@ class PlaneLoop:
                 self._dispatch(reg, batch)
                 if self._regs.get(reg.socket) is not reg:
                     return False  # the handler removed its own socket
-            ev = reg.events(_EVENTS)
+            ev = events(reg.socket)
             if reg.pending or reg.waiters:
                 self._flush(reg, ev)
             return bool(ev & _POLLIN)

@@ -18,6 +18,7 @@ __all__ = [
     "POLICIES",
     "TreeConfig",
     "place",
+    "shortcut",
     "is_silent",
     "backoff",
     "child_budget",
@@ -79,6 +80,31 @@ def place(subtree_sizes: dict, max_children: int, policy: str, rng: random.Rando
     if policy == BALANCED:
         return min(links, key=lambda link: (subtree_sizes[link], link))
     return rng.choice(links)
+
+
+def shortcut(open_nodes: dict, max_children: int, policy: str, rng: random.Random, exclude=()) -> int | None:
+    """Where the root sends a joiner when its own children are full: a member with room.
+
+    ``open_nodes`` maps node id -> (depth, children); the shallowest members with
+    fewer than ``max_children`` children are the candidates, so most joins take
+    one redirect instead of one per level.  RandTree picks one of them at
+    random, ``balanced`` the one with the fewest children.  None if there is none.
+    """
+    best_depth = None
+    best: list[int] = []
+    for node_id, (depth, kids) in open_nodes.items():
+        if kids >= max_children or node_id in exclude or depth < 1:
+            continue
+        if best_depth is None or depth < best_depth:
+            best_depth, best = depth, [node_id]
+        elif depth == best_depth:
+            best.append(node_id)
+    if not best:
+        return None
+    best.sort()
+    if policy == BALANCED:
+        return min(best, key=lambda i: (open_nodes[i][1], i))
+    return rng.choice(best)
 
 
 def is_silent(last_heard: float, now: float, config: TreeConfig) -> bool:

@@ -131,6 +131,8 @@ class TreeNode:
         self._beat: tuple | None = None  # (node id, frames) of our heartbeat to the parent
         self._announced: list[int] = []  # the subtree our last JOIN announced
         self._unsent_lost: list[tuple] = []  # losses below us while we were not attached
+        self._started = 0.0
+        self.join_time: float | None = None  # seconds from start() to the first accept
         self._registration: dict = {}
         self._register_due: float | None = None  # re-send REGISTER then, unless acknowledged
         # join state
@@ -161,7 +163,8 @@ class TreeNode:
         """Begin joining through the root endpoint (no-op for the root)."""
         if not self.root_endpoint:
             raise ValueError("a node needs the root's control endpoint to join")
-        self._begin_join([self.root_endpoint], self.clock())
+        self._started = self.clock()
+        self._begin_join([self.root_endpoint], self._started)
 
     async def stop(self) -> None:
         """Leave cleanly: tell the parent and children, cancel every task."""
@@ -253,6 +256,8 @@ class TreeNode:
         self._attempt = 0
         self._join_deadline = None
         self.counters["rejoins" if rejoin else "joins"] += 1
+        if not rejoin and self.join_time is None:
+            self.join_time = round(now - self._started, 4)
         orphaned_for = now - self._orphaned_at if rejoin else 0.0
         self._orphaned_at = None
         # Route changes below us while we were joining could not travel up:
@@ -440,10 +445,14 @@ class TreeNode:
         if choice == policy.ACCEPT:
             self._accept(identity, None, body, now)
         else:
-            target = self.children[choice]
+            to = self.redirect_target(choice, jid, sub)
             self.transport.send_child(
-                identity, p.encode(p.MsgType.JOIN_REDIRECT, {"to": target.control, "id": jid}, src=self.node_id)
+                identity, p.encode(p.MsgType.JOIN_REDIRECT, {"to": to, "id": jid}, src=self.node_id)
             )
+
+    def redirect_target(self, link: int, jid: int, sub: set) -> str:
+        """Control endpoint a full node sends a joiner to: the chosen child (the root may skip levels)."""
+        return self.children[link].control
 
     def placement_policy(self) -> str:
         return policy.RANDTREE if self.config.policy == policy.STAR else self.config.policy
@@ -769,5 +778,6 @@ class TreeNode:
             "parent": self.parent_id,
             "children": len(self.children),
             "subtree": len(self.routes),
+            "join_time": self.join_time,
             "counters": dict(self.counters),
         }

@@ -70,6 +70,7 @@ __all__ = [
     "LoadTable",
     "Credits",
     "drain",
+    "events",
     "send_nowait",
     "relay",
 ]

@@ -39,6 +39,7 @@ __all__ = [
     "LoadTable",
     "Credits",
     "drain",
+    "events",
     "send_nowait",
     "relay",
 ]
@@ -827,6 +828,13 @@ def drain(socket, max_msgs: int) -> list:
     except zmq.Again:
         pass
     return out
+
+
+def events(socket) -> int:
+    """The socket's ZMQ_EVENTS bits (POLLIN/POLLOUT) as an int."""
+    import zmq
+
+    return int(socket.getsockopt(zmq.EVENTS))
 
 
 def send_nowait(socket, frames) -> bool:

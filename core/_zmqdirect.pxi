@@ -54,6 +54,7 @@ ctypedef int (*_errno_fn)() noexcept nogil
 ctypedef const char *(*_strerror_fn)(int errnum) noexcept nogil
 ctypedef void (*_version_fn)(int *major, int *minor, int *patch) noexcept nogil
 ctypedef int (*_send_fn)(void *socket, const void *buf, size_t len, int flags) noexcept nogil
+ctypedef int (*_getsockopt_fn)(void *socket, int option, void *value, size_t *len) noexcept nogil
 
 cdef struct _ZmqApi:
     bint ready
@@ -62,6 +63,7 @@ cdef struct _ZmqApi:
     _msg_io_fn msg_recv
     _msg_io_fn msg_send
     _send_fn send
+    _getsockopt_fn getsockopt
     _msg_fn msg_close
     _msg_data_fn msg_data
     _msg_size_fn msg_size
@@ -74,6 +76,7 @@ cdef struct _ZmqApi:
     int SNDMORE
     int SHARED
     int ETERM
+    int EVENTS
 
 cdef _ZmqApi _zmq
 cdef object _zmqmod = None
@@ -127,6 +130,7 @@ cdef int _zmq_load() except -1:
     _zmq.msg_recv = <_msg_io_fn>_sym(h, b"zmq_msg_recv", path)
     _zmq.msg_send = <_msg_io_fn>_sym(h, b"zmq_msg_send", path)
     _zmq.send = <_send_fn>_sym(h, b"zmq_send", path)
+    _zmq.getsockopt = <_getsockopt_fn>_sym(h, b"zmq_getsockopt", path)
     _zmq.msg_close = <_msg_fn>_sym(h, b"zmq_msg_close", path)
     _zmq.msg_data = <_msg_data_fn>_sym(h, b"zmq_msg_data", path)
     _zmq.msg_size = <_msg_size_fn>_sym(h, b"zmq_msg_size", path)
@@ -143,6 +147,7 @@ cdef int _zmq_load() except -1:
     _zmq.SNDMORE = zmq.SNDMORE
     _zmq.SHARED = zmq.SHARED
     _zmq.ETERM = zmq.ETERM
+    _zmq.EVENTS = zmq.EVENTS
     _zmqmod = zmq
     _zmq.ready = True
     return 0
@@ -290,6 +295,19 @@ def drain(socket, max_msgs):
         if f.on_heap:
             PyMem_Free(f.msgs)
     return out
+
+
+def events(socket):
+    """The socket's ZMQ_EVENTS bits (POLLIN/POLLOUT) as an int, straight from libzmq."""
+    cdef int value = 0, err
+    cdef size_t size = sizeof(int)
+    _zmq_load()
+    while _zmq.getsockopt(_handle(socket), _zmq.EVENTS, &value, &size) < 0:
+        err = _zmq.zerrno()
+        if err != EINTR:
+            _raise_zmq(err)
+        PyErr_CheckSignals()
+    return value
 
 
 def send_nowait(socket, frames):

@@ -28,6 +28,7 @@ __all__ = [
     "LoadTable",
     "Credits",
     "drain",
+    "events",
     "send_nowait",
     "relay",
     "twins",
@@ -65,6 +66,7 @@ Aggregator = _impl.Aggregator
 LoadTable = _impl.LoadTable
 Credits = _impl.Credits
 drain = _impl.drain
+events = _impl.events
 send_nowait = _impl.send_nowait
 relay = _impl.relay
 

@@ -161,6 +161,19 @@ class Membership:
             depth(i)
         return out
 
+    def open_slots(self, max_children: int) -> dict:
+        """{id: [depth, children, control]} of registered live members with fewer than ``max_children``."""
+        depths = self.depths()
+        kids: dict[int, int] = {}
+        for m in self.members.values():
+            if m.state == ALIVE:
+                kids[m.parent] = kids.get(m.parent, 0) + 1
+        return {
+            m.id: [depths.get(m.id, -1), kids.get(m.id, 0), m.control]
+            for m in self.members.values()
+            if m.state == ALIVE and m.control and kids.get(m.id, 0) < max_children and depths.get(m.id, -1) >= 1
+        }
+
     def snapshot(self) -> list[dict]:
         now = self.clock()
         depths = self.depths()

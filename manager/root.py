@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import os
 
+from bus import policy
 from bus import protocol as p
 from bus.tree import ATTACHED, ROOT_ID, OpResult, TreeNode
 from manager.membership import DEAD, LEFT, UNREACHABLE, Membership
@@ -30,6 +31,8 @@ class RootNode(TreeNode):
         self.epoch = epoch if epoch is not None else int.from_bytes(os.urandom(4), "little") or 1
         self.membership = membership or Membership(ROOT_ID, clock=self.clock)
         self._unicast: dict[int, asyncio.Future] = {}
+        self._open: dict | None = None  # id -> [depth, children, control] of members with room
+        self._open_at = 0.0
 
     @property
     def is_root(self) -> bool:
@@ -40,6 +43,22 @@ class RootNode(TreeNode):
 
     def placement_policy(self) -> str:
         return self.config.policy
+
+    def redirect_target(self, link: int, jid: int, sub: set) -> str:
+        # The root knows the membership, so it skips the walk down: the joiner
+        # goes straight to one of the shallowest members with room.  Counts are
+        # refreshed every quarter second and bumped per redirect; a target that
+        # filled up meanwhile applies the policy itself and redirects further.
+        now = self.clock()
+        if self._open is None or now - self._open_at > 0.25:
+            self._open, self._open_at = self.membership.open_slots(self.config.max_children), now
+        pick = policy.shortcut({i: (d, k) for i, (d, k, _) in self._open.items()}, self.config.max_children,
+                               self.config.policy, self.rng, exclude=sub | {jid})
+        if pick is None:
+            return super().redirect_target(link, jid, sub)
+        slot = self._open[pick]
+        slot[1] += 1
+        return slot[2]
 
     def assign_id(self, body: dict) -> int:
         while True:

@@ -315,3 +315,18 @@ def test_send_nowait_raises_for_an_unknown_router_peer(fp, zctx):
     with pytest.raises(zmq.ZMQError) as e:
         fp.send_nowait(r, [b"nobody", b"x"])
     assert e.value.errno == zmq.EHOSTUNREACH
+
+
+def test_events_reports_pollin_and_pollout(fp, zctx):
+    a = zctx.socket(zmq.PAIR)
+    b = zctx.socket(zmq.PAIR)
+    a.bind("inproc://events")
+    b.connect("inproc://events")
+    assert fp.events(b) & zmq.POLLOUT
+    assert not fp.events(b) & zmq.POLLIN
+    a.send(b"x")
+    assert fp.events(b) & zmq.POLLIN
+    assert fp.events(b) == b.getsockopt(zmq.EVENTS)
+    b.close(0)
+    with pytest.raises(zmq.ZMQError):
+        fp.events(b)
