@@ -55,18 +55,20 @@ def cpu_of(pid: int) -> float:
 class Cluster:
     """A manager and node processes in a temporary state directory."""
 
-    def __init__(self, nodes: int, procs: int, *, policy: str = "randtree", max_children: int = 16):
+    def __init__(self, nodes: int, procs: int, *, policy: str = "randtree", max_children: int = 16,
+                 heartbeat: float | None = None):
         self.sdir = Path(tempfile.mkdtemp(prefix="snsbus-bench-"))
         self.n = nodes
         self.procs = procs
         self.policy = policy
         self.max_children = max_children
+        self.heartbeat = heartbeat
 
     def __enter__(self) -> "Cluster":
         self.client = None
         try:
             self.manager = cluster.start_manager(self.sdir, port=0, policy=self.policy,
-                                                 max_children=self.max_children)
+                                                 max_children=self.max_children, heartbeat=self.heartbeat)
             self.endpoint = self.manager["control"]
             self.client = CtlClient(self.endpoint, timeout=60, connect_timeout=10)
             t0 = time.monotonic()

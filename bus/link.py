@@ -61,6 +61,7 @@ class NodeLink:
         self._monitor_fd = -1
         self._mon_loop: asyncio.AbstractEventLoop | None = None
         self.counters = {"data_unhandled": 0, "parent_swaps": 0, "parent_disconnects": 0}
+        self._codec = p.new_codec()  # parses headers the PlaneLoop already validated
 
     def open(self) -> None:
         """Bind both ROUTERs and start serving them (the PlaneLoop may run already)."""
@@ -160,23 +161,30 @@ class NodeLink:
             return False  # the child's connection is gone: the caller drops it
 
     # -- receiving ------------------------------------------------------------
+    def _decode(self, socket, frames, start: int) -> p.Message | None:
+        # The PlaneLoop checked the framing of everything it hands us: only the
+        # body is left to decode; a bad one is counted and logged by the loop.
+        try:
+            return p.decode_checked(frames, start, self._codec)
+        except p.MalformedBody:
+            self.loop.decode(socket, frames)  # fails the same way, and the loop counts and logs it
+            return None
+
     def _children_batch(self, batch: list) -> None:
-        decode = self.loop.decode
         router = self.router
         heard = self.heard_child
         for frames in batch:
             # Heartbeats are most of the traffic: no body decode for them.
             if heard is not None and p.peek_type(frames[1]) == p.MsgType.HEARTBEAT and heard(frames[0]):
                 continue
-            got = decode(router, frames)
-            if got is not None and self.on_child is not None:
-                self.on_child(bytes(got[0][0]), got[1])
+            msg = self._decode(router, frames, 1)
+            if msg is not None and self.on_child is not None:
+                self.on_child(bytes(frames[0]), msg)
 
     def _parent_batch(self, batch: list) -> None:
         dealer = self.dealer
         if dealer is None:
             return
-        decode = self.loop.decode
         for frames in batch:
             if p.peek_type(frames[0]) == p.MsgType.HEARTBEAT:
                 # A parent repeats the same heartbeat body until its position changes.
@@ -184,9 +192,9 @@ class NodeLink:
                     self.heard_parent()
                     continue
                 self._last_beat = frames[1]
-            got = decode(dealer, frames)
-            if got is not None and self.on_parent is not None:
-                self.on_parent(got[1])
+            msg = self._decode(dealer, frames, 0)
+            if msg is not None and self.on_parent is not None:
+                self.on_parent(msg)
             if self.dealer is not dealer:
                 return  # the handler re-parented us: the rest of the batch is stale
 
@@ -194,8 +202,7 @@ class NodeLink:
         if self.on_data is None:
             self.counters["data_unhandled"] += len(batch)
             return
-        decode = self.loop.decode
         for frames in batch:
-            got = decode(self.data, frames)
-            if got is not None:
-                self.on_data(bytes(got[0][0]), got[1])
+            msg = self._decode(self.data, frames, 1)
+            if msg is not None:
+                self.on_data(bytes(frames[0]), msg)

@@ -76,6 +76,7 @@ __all__ = [
     "unpackb",
     "encode",
     "decode",
+    "decode_checked",
     "ErrorCode",
     "BusError",
     "ProtocolError",
@@ -262,3 +263,13 @@ def decode(frames, using: FrameCodec | None = None) -> Message:
     for frame in extra:
         c.check_frame_size(len(frame))
     return Message(h, unpackb(body), extra)
+
+
+def decode_checked(frames, start: int, using: FrameCodec) -> Message:
+    """Decode ``frames[start:]`` whose framing a ``bus.planes.PlaneLoop`` already checked.
+
+    The loop has validated the header, the frame count, the body length and
+    the extra frames; only the msgpack body is left to decode (and may still
+    raise ``MalformedBody``).  Anything else must use :func:`decode`.
+    """
+    return Message(using.parse(frames[start]), unpackb(frames[start + 1]), list(frames[start + 2:]))

@@ -632,15 +632,52 @@ class TreeNode:
             return  # a duplicate (e.g. resent after a repair)
         remaining = float(body.get("rem", 1.0))
         links = []
-        if broadcast:
+        reply_dst = self.parent_id if broadcast else h.src
+        if broadcast and self.children:
             child_body = dict(body, rem=policy.child_budget(remaining, self.config))
             frames = p.encode(
                 p.MsgType.COMMAND, child_body, src=h.src, dst=p.BROADCAST_ID, msg_id=h.msg_id,
-                ttl=max(h.ttl - 1, 0), hops=min(h.hops + 1, 255),
+                ttl=max(h.ttl - 1, 0), hops=min(h.hops + 1, 255), using=self.codec,
             )
             links = self.send_down(frames, self.forwarder.broadcast_links(from_link))
-        reply_dst = self.parent_id if broadcast else h.src
+        if not links and not self._gone and op_id not in self._ops and self._answer_now(op_id, body, remaining,
+                                                                                          reply_dst):
+            return
         self._open_op(op_id, links, remaining, body, reply_dst=reply_dst, now=now)
+
+    def _answer_now(self, op_id: int, body: dict, remaining: float, reply_dst: int) -> bool:
+        """A leaf with a synchronous handler answers at once, without opening an operation.
+
+        Most nodes of a tree are leaves, so this is most of a broadcast's work.
+        False (nothing sent) when the handler has to wait: the caller opens an op.
+        """
+        ids = body.get("ids")
+        if ids is not None and self.node_id not in ids:
+            value = None
+        else:
+            handler = self.handlers.get(body.get("op"))
+            if handler is None:
+                value = {"error": f"unknown operation {body.get('op')!r}"}
+            elif inspect.iscoroutinefunction(handler):
+                return False
+            else:
+                try:
+                    value = handler(self, body.get("a") or {}, policy.child_budget(remaining, self.config))
+                except Exception as e:  # a handler bug must not take the node down
+                    log.exception("%s: handler failed", self.name)
+                    value = {"error": f"{type(e).__name__}: {e}"}
+                if inspect.isawaitable(value):
+                    # Already started: let an operation wait for it (never call the handler twice).
+                    self._open_op(op_id, [], remaining, body, reply_dst=reply_dst, now=self.clock(), pending=value)
+                    return True
+        self.counters["ops"] += 1
+        if self.state == ATTACHED and reply_dst:
+            groups = [] if ids is not None and self.node_id not in ids else [[p.packb(value), value, [self.node_id]]]
+            self.transport.send_parent(
+                p.encode(p.MsgType.REPLY, {"g": groups, "m": []}, src=self.node_id, dst=reply_dst, ref=op_id,
+                         using=self.codec)
+            )
+        return True
 
     def send_down(self, frames: list, links: list) -> list:
         """Send to each child link; returns the links it went out on.
@@ -662,7 +699,7 @@ class TreeNode:
         return sent
 
     def _open_op(self, op_id: int, links: list, remaining: float, body: dict, *, reply_dst: int,
-                 now: float, future: asyncio.Future | None = None) -> _Op:
+                 now: float, future: asyncio.Future | None = None, pending=None) -> _Op:
         if op_id in self._ops:
             return self._ops[op_id]
         ids = body.get("ids")
@@ -673,7 +710,9 @@ class TreeNode:
         self.counters["ops"] += 1
         # Wait for children a little less than we were given, to answer in time.
         self.aggregator.open(op_id, links, now + max(remaining - self.config.op_margin / 2, 0.0))
-        if wants_me:
+        if wants_me and pending is not None:
+            op.task = self._spawn(self._run_local(op, pending))
+        elif wants_me:
             handler = self.handlers.get(body.get("op"))
             if handler is None:
                 self._add_local(op, {"error": f"unknown operation {body.get('op')!r}"})

@@ -198,3 +198,11 @@ def test_only_msgpack_configuration_is_here():
     # The body is plain msgpack a peer in another language could read.
     raw = p.packb({"a": b"\x01", "s": "x"})
     assert msgpack.unpackb(raw, raw=False) == {"a": b"\x01", "s": "x"}
+
+
+def test_decode_checked_matches_decode_for_checked_frames():
+    frames = p.encode(p.MsgType.COMMAND, {"op": "ping", "ids": [1, 2]}, src=3, dst=4, extra=[b"x"])
+    routed = [b"\x01peer", *frames]
+    assert p.decode_checked(routed, 1, p.new_codec()) == p.decode(frames)
+    with pytest.raises(p.MalformedBody):
+        p.decode_checked([frames[0], b"\xc1"], 0, p.new_codec())

@@ -323,3 +323,36 @@ def test_a_lost_registration_is_sent_again_until_acknowledged():
     sent = node.transport.sent
     net.tick(5.0)
     assert node.transport.sent - sent <= 5 / net.config.heartbeat + 1, "only heartbeats from now on"
+
+
+def test_leaves_and_interior_nodes_answer_sync_async_and_awaitable_handlers():
+    calls = []
+
+    def sync(node, args, budget):
+        calls.append(node.name)
+        return "s"
+
+    async def coro(node, args, budget):
+        calls.append(node.name)
+        await asyncio.sleep(0)
+        return "c"
+
+    def returns_future(node, args, budget):
+        calls.append(node.name)
+        fut = asyncio.get_running_loop().create_future()
+        fut.set_result("f")
+        return fut
+
+    async def main():
+        net = FakeNet(TreeConfig(max_children=2))
+        for i in range(9):
+            net.add(f"n{i}", handlers={"sync": sync, "coro": coro, "fut": returns_future})
+        net.tick(1.0)
+        for op, value in (("sync", "s"), ("coro", "c"), ("fut", "f")):
+            calls.clear()
+            res = await drive(net, net.root.broadcast(op, {}, timeout=2.0))
+            (v, ids), = res.groups.values()
+            assert v == value and len(ids) == 9 and res.missing == {}
+            assert sorted(calls) == sorted(f"n{i}" for i in range(9)), "each handler ran exactly once per node"
+
+    asyncio.run(main())
