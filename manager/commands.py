@@ -80,8 +80,12 @@ def _targets(mgr, selector) -> tuple[list | None, set]:
     """
     if selector is not None and not isinstance(selector, str):
         raise CommandError(BAD_SELECTOR, "a selector is a string such as 'web-*' or 'group=web'")
-    known = [{"id": m.id, "name": m.name, "attrs": m.attrs} for m in mgr.membership.members.values()]
-    expected = set(policy.select(known, selector))
+    members = mgr.membership.members
+    if selector is None or selector.strip() in ("", "*"):
+        expected = set(members)  # everyone: no need to look at names and attributes
+    else:
+        known = [{"id": m.id, "name": m.name, "attrs": m.attrs} for m in members.values()]
+        expected = set(policy.select(known, selector))
     alive = {m.id for m in mgr.membership.alive()}
     if selector and not expected & alive:
         raise CommandError(BAD_SELECTOR, f"no live node matches the selector {selector!r}")

@@ -45,12 +45,23 @@ class Membership:
         self.events: deque = deque(maxlen=max_events)
         self.forget_after = forget_after
         self.counters = {"joined": 0, "rejoined": 0, "lost": 0, "left": 0, "replaced": 0}
+        self.version = 0  # bumped on every change that can rename or add a member
+        self._names: dict[int, str] | None = None
+        self._names_version = -1
 
     # -- updates ------------------------------------------------------------------
     def _event(self, kind: str, node: str, detail: str) -> None:
         self.events.append({"t": self.wall(), "kind": kind, "node": node, "detail": detail})
         if kind in self.counters:
             self.counters[kind] += 1
+
+    def names(self) -> dict[int, str]:
+        """{id: display name} of every member (and the root); cached until membership changes."""
+        if self._names is None or self._names_version != self.version:
+            out = {i: (m.name or f"#{i}") for i, m in self.members.items()}
+            out[self.root_id] = self.root_name
+            self._names, self._names_version = out, self.version
+        return self._names
 
     def name_of(self, node_id: int) -> str:
         if node_id == self.root_id:
@@ -71,6 +82,7 @@ class Membership:
             m = self.members.get(i)
             if m is None:
                 self.members[i] = Member(i, last_heard=now, since=now)
+                self.version += 1
             elif m.state != ALIVE:
                 m.state = ALIVE
                 m.since = now
@@ -90,6 +102,8 @@ class Membership:
             m = self.members[i] = Member(i, since=now)
         # A retried REGISTER whose first copy arrived changes nothing worth an event.
         quiet = bool(info.get("retry")) and m.name == name and m.parent == info.get("parent", 0)
+        if m.name != name:
+            self.version += 1
         m.name = name
         m.parent = info.get("parent", 0)
         m.control = info.get("ctl", "")
@@ -115,6 +129,14 @@ class Membership:
         if m is not None:
             m.last_heard = self.clock()
 
+    def heard_all(self, ids) -> None:
+        now = self.clock()
+        members = self.members
+        for i in ids:
+            m = members.get(i)
+            if m is not None:
+                m.last_heard = now
+
     def lost(self, ids, reason: str, dead: int | None) -> None:
         """The parent of ``dead`` reported it gone; the rest of ``ids`` sat behind it."""
         now = self.clock()
@@ -138,6 +160,7 @@ class Membership:
         now = self.clock()
         for i in [i for i, m in self.members.items() if m.state != ALIVE and now - m.since > self.forget_after]:
             del self.members[i]
+            self.version += 1
 
     # -- queries --------------------------------------------------------------------
     def alive(self) -> list[Member]:

@@ -127,11 +127,11 @@ class RootNode(TreeNode):
         mem = self.membership
         groups = []
         answered = set()
+        names = mem.names()
         for value, ids in result.groups.values():
             answered.update(ids)
-            for i in ids:
-                mem.heard(i)
-            groups.append({"value": value, "nodes": sorted(mem.name_of(i) for i in ids)})
+            groups.append({"value": value, "nodes": sorted(names.get(i) or f"#{i}" for i in ids)})
+        mem.heard_all(answered)
         missing = []
         for i in sorted(expected - answered, key=mem.name_of):
             reason = result.missing.get(i)
