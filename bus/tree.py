@@ -788,12 +788,13 @@ class TreeNode:
         self._ops.pop(op.op_id, None)
         if op.op_id in self.aggregator:
             self.aggregator.close(op.op_id)
-        # Nodes that answered are not missing, whatever a slower path said.
-        answered = set()
-        for _, ids in op.result.groups.values():
-            answered.update(ids)
-        for i in answered:
-            op.result.missing.pop(i, None)
+        if op.result.missing:
+            # Nodes that answered are not missing, whatever a slower path said.
+            answered = set()
+            for _, ids in op.result.groups.values():
+                answered.update(ids)
+            for i in answered.intersection(op.result.missing):
+                del op.result.missing[i]
         if op.future is not None:
             if not op.future.done():
                 op.future.set_result(op.result)

@@ -46,6 +46,7 @@ class Membership:
         self.forget_after = forget_after
         self.counters = {"joined": 0, "rejoined": 0, "lost": 0, "left": 0, "replaced": 0}
         self.version = 0  # bumped on every change that can rename or add a member
+        self._heard: dict[int, float] = {}  # id -> when it last answered an operation
         self._names: dict[int, str] | None = None
         self._names_version = -1
 
@@ -130,12 +131,11 @@ class Membership:
             m.last_heard = self.clock()
 
     def heard_all(self, ids) -> None:
-        now = self.clock()
-        members = self.members
-        for i in ids:
-            m = members.get(i)
-            if m is not None:
-                m.last_heard = now
+        """Every node in ``ids`` answered just now (one dict update, not one per member)."""
+        self._heard.update(dict.fromkeys(ids, self.clock()))
+
+    def last_heard(self, m: Member) -> float:
+        return max(m.last_heard, self._heard.get(m.id, 0.0))
 
     def lost(self, ids, reason: str, dead: int | None) -> None:
         """The parent of ``dead`` reported it gone; the rest of ``ids`` sat behind it."""
@@ -160,6 +160,7 @@ class Membership:
         now = self.clock()
         for i in [i for i, m in self.members.items() if m.state != ALIVE and now - m.since > self.forget_after]:
             del self.members[i]
+            self._heard.pop(i, None)
             self.version += 1
 
     # -- queries --------------------------------------------------------------------
@@ -228,7 +229,7 @@ class Membership:
                     "data": m.data,
                     "pid": m.pid,
                     "attrs": m.attrs,
-                    "last_heard": round(now - m.last_heard, 3),
+                    "last_heard": round(now - self.last_heard(m), 3),
                     "state": m.state,
                 }
             )

@@ -130,7 +130,11 @@ class RootNode(TreeNode):
         names = mem.names()
         for value, ids in result.groups.values():
             answered.update(ids)
-            groups.append({"value": value, "nodes": sorted(names.get(i) or f"#{i}" for i in ids)})
+            nodes = list(map(names.get, ids))  # C-speed: this is O(N) per command at the root
+            if None in nodes:
+                nodes = [n or f"#{i}" for n, i in zip(nodes, ids)]
+            nodes.sort()
+            groups.append({"value": value, "nodes": nodes})
         mem.heard_all(answered)
         missing = []
         for i in sorted(expected - answered, key=mem.name_of):
