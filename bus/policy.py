@@ -90,18 +90,11 @@ def shortcut(open_nodes: dict, max_children: int, policy: str, rng: random.Rando
     one redirect instead of one per level.  RandTree picks one of them at
     random, ``balanced`` the one with the fewest children.  None if there is none.
     """
-    best_depth = None
-    best: list[int] = []
-    for node_id, (depth, kids) in open_nodes.items():
-        if kids >= max_children or node_id in exclude or depth < 1:
-            continue
-        if best_depth is None or depth < best_depth:
-            best_depth, best = depth, [node_id]
-        elif depth == best_depth:
-            best.append(node_id)
-    if not best:
+    cands = [i for i, (d, kids) in open_nodes.items() if kids < max_children and d >= 1 and i not in exclude]
+    if not cands:
         return None
-    best.sort()
+    top = min(open_nodes[i][0] for i in cands)
+    best = [i for i in cands if open_nodes[i][0] == top]  # in the map's (deterministic) order
     if policy == BALANCED:
         return min(best, key=lambda i: (open_nodes[i][1], i))
     return rng.choice(best)

@@ -47,6 +47,7 @@ class Membership:
         self.counters = {"joined": 0, "rejoined": 0, "lost": 0, "left": 0, "replaced": 0}
         self.version = 0  # bumped on every change that can rename or add a member
         self._heard: dict[int, float] = {}  # id -> when it last answered an operation
+        self._by_name: dict[str, int] = {}  # name -> id of the member that registered it last
         self._names: dict[int, str] | None = None
         self._names_version = -1
 
@@ -71,10 +72,8 @@ class Membership:
         return m.name if m and m.name else f"#{node_id}"
 
     def by_name(self, name: str) -> Member | None:
-        for m in self.members.values():
-            if m.name == name:
-                return m
-        return None
+        m = self.members.get(self._by_name.get(name, -1))
+        return m if m is not None and m.name == name else None
 
     def route_added(self, ids) -> None:
         """Routes to ``ids`` exist again: they are alive (details come with REGISTER)."""
@@ -106,6 +105,8 @@ class Membership:
         if m.name != name:
             self.version += 1
         m.name = name
+        if name:
+            self._by_name[name] = i
         m.parent = info.get("parent", 0)
         m.control = info.get("ctl", "")
         m.data = info.get("data", "")
@@ -159,8 +160,10 @@ class Membership:
         """Forget members that have been gone for longer than ``forget_after``."""
         now = self.clock()
         for i in [i for i, m in self.members.items() if m.state != ALIVE and now - m.since > self.forget_after]:
-            del self.members[i]
+            m = self.members.pop(i)
             self._heard.pop(i, None)
+            if self._by_name.get(m.name) == i:
+                del self._by_name[m.name]
             self.version += 1
 
     # -- queries --------------------------------------------------------------------

@@ -31,7 +31,8 @@ class RootNode(TreeNode):
         self.epoch = epoch if epoch is not None else int.from_bytes(os.urandom(4), "little") or 1
         self.membership = membership or Membership(ROOT_ID, clock=self.clock)
         self._unicast: dict[int, asyncio.Future] = {}
-        self._open: dict | None = None  # id -> [depth, children, control] of members with room
+        self._frontier: dict | None = None  # id -> (depth, children) of the shallowest members with room
+        self._controls: dict = {}
         self._open_at = 0.0
 
     @property
@@ -46,19 +47,34 @@ class RootNode(TreeNode):
 
     def redirect_target(self, link: int, jid: int, sub: set) -> str:
         # The root knows the membership, so it skips the walk down: the joiner
-        # goes straight to one of the shallowest members with room.  Counts are
-        # refreshed every quarter second and bumped per redirect; a target that
-        # filled up meanwhile applies the policy itself and redirects further.
+        # goes straight to one of the shallowest members with room (the
+        # frontier).  The frontier is rebuilt every 50 ms and its counts bumped
+        # per redirect, so a join costs O(frontier), not O(members); a target
+        # that filled up meanwhile applies the policy itself and redirects further.
         now = self.clock()
-        if self._open is None or now - self._open_at > 0.25:
-            self._open, self._open_at = self.membership.open_slots(self.config.max_children), now
-        pick = policy.shortcut({i: (d, k) for i, (d, k, _) in self._open.items()}, self.config.max_children,
-                               self.config.policy, self.rng, exclude=sub | {jid})
+        k = self.config.max_children
+        if self._frontier is None or now - self._open_at > 0.05:
+            self._frontier, self._controls = self._build_frontier(self.membership.open_slots(k))
+            self._open_at = now
+        pick = policy.shortcut(self._frontier, k, self.config.policy, self.rng, exclude=sub | {jid})
         if pick is None:
+            self._frontier = None  # full, or only excluded nodes: rebuild next time
             return super().redirect_target(link, jid, sub)
-        slot = self._open[pick]
-        slot[1] += 1
-        return slot[2]
+        depth, kids = self._frontier[pick]
+        if kids + 1 >= k:
+            del self._frontier[pick]
+        else:
+            self._frontier[pick] = (depth, kids + 1)
+        return self._controls[pick]
+
+    @staticmethod
+    def _build_frontier(open_slots: dict) -> tuple[dict, dict]:
+        """({id: (depth, children)} of the shallowest open members, {id: control endpoint})."""
+        if not open_slots:
+            return {}, {}
+        top = min(d for d, _, _ in open_slots.values())
+        frontier = {i: (d, kids) for i, (d, kids, _) in open_slots.items() if d == top}
+        return frontier, {i: open_slots[i][2] for i in frontier}
 
     def assign_id(self, body: dict) -> int:
         while True:
