@@ -111,8 +111,9 @@ class SocketFactory:
       credits above it).
     * ROUTERs: ``ROUTER_MANDATORY`` (a send to a vanished peer raises
       :class:`PeerUnreachable`, and a full peer gives EAGAIN instead of a
-      silent drop) and ``ROUTER_HANDOVER`` (a restarted child reusing its
-      identity takes over the old connection).
+      silent drop), ``ROUTER_HANDOVER`` (a restarted child reusing its
+      identity takes over the old connection) and a listen ``BACKLOG`` of
+      ``backlog`` (libzmq's 100 drops SYNs of a join storm for a second).
     * DEALERs: ``IMMEDIATE`` (no queueing to a parent that is not connected),
       ``RECONNECT_IVL``/``RECONNECT_IVL_MAX`` (exponential reconnect backoff).
     * All: ``LINGER``, TCP keepalive, ``MAXMSGSIZE`` (a peer sending a frame
@@ -125,12 +126,12 @@ class SocketFactory:
     def __init__(self, context: zmq.Context, *, control_hwm: int = 1000, data_hwm: int = 10_000,
                  linger: int = 1000, reconnect_ivl: int = 100, reconnect_ivl_max: int = 5000,
                  tcp_keepalive_idle: int = 60, max_sockets: int = 4096,
-                 max_msgsize: int = protocol.MAX_FRAME):  # fmt: skip
+                 max_msgsize: int = protocol.MAX_FRAME, backlog: int = 4096):  # fmt: skip
         if isinstance(context, zmq.asyncio.Context):
             raise TypeError("SocketFactory needs a plain zmq.Context; PlaneLoop drives the sockets")
         _positive(control_hwm=control_hwm, data_hwm=data_hwm, reconnect_ivl=reconnect_ivl,
                   reconnect_ivl_max=reconnect_ivl_max, tcp_keepalive_idle=tcp_keepalive_idle,
-                  max_sockets=max_sockets, max_msgsize=max_msgsize)  # fmt: skip
+                  max_sockets=max_sockets, max_msgsize=max_msgsize, backlog=backlog)  # fmt: skip
         if linger < 0:
             raise ValueError(f"linger must be >= 0 (milliseconds), got {linger}")
         self._context = context
@@ -139,6 +140,7 @@ class SocketFactory:
         self._reconnect = (int(reconnect_ivl), max(int(reconnect_ivl), int(reconnect_ivl_max)))
         self._keepalive_idle = int(tcp_keepalive_idle)
         self._max_msgsize = int(max_msgsize)
+        self._backlog = int(backlog)  # the kernel caps it at net.core.somaxconn
         self._built: list[zmq.Socket] = []
         # Only ever raise the limit: another component may have set it higher.
         if context.get(zmq.MAX_SOCKETS) < max_sockets:
@@ -181,6 +183,10 @@ class SocketFactory:
         try:
             sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
             sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
+            # libzmq listens with a backlog of 100: when a thousand nodes join
+            # (or rejoin after a manager restart) at once, the extra SYNs are
+            # dropped and TCP retries them only after its 1 s initial timeout.
+            sock.setsockopt(zmq.BACKLOG, self._backlog)
             self._secure(sock, server=True)
             sock.bind(bind_endpoint)
         except zmq.ZMQError as e:

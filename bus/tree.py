@@ -146,6 +146,8 @@ class TreeNode:
             "joins": 0,
             "rejoins": 0,
             "redirects": 0,
+            "join_timeouts": 0,
+            "join_rejects": 0,
             "children_lost": 0,
             "parent_lost": 0,
             "heartbeats_sent": 0,
@@ -336,6 +338,7 @@ class TreeNode:
                     self._send_join(body["to"], now)
             elif t == p.MsgType.JOIN_REJECT:
                 log.info("%s: join refused by %s: %s", self.name, self.parent_endpoint, body.get("reason"))
+                self.counters["join_rejects"] += 1
                 self._join_deadline = now  # next tick tries the next candidate
             return
         if self.state != ATTACHED:
@@ -599,6 +602,9 @@ class TreeNode:
             if self._join_at is not None and now >= self._join_at:
                 self._try_next_candidate(now)
             elif self._join_deadline is not None and now >= self._join_deadline:
+                self.counters["join_timeouts"] += 1
+                log.info("%s: no answer to JOIN from %s within %.1fs", self.name, self.parent_endpoint,
+                         self.config.join_timeout)
                 self._try_next_candidate(now)
         if self._ops:
             for op_id in self.aggregator.expired(now):

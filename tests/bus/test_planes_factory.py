@@ -134,3 +134,14 @@ def test_every_socket_passes_through_the_one_security_hook(zctx):
         (zmq.DEALER, False, ""),
         (zmq.DEALER, False, ""),
     ]
+
+
+def test_routers_listen_with_a_deep_backlog():
+    ctx = zmq.Context()
+    try:
+        f = SocketFactory(ctx)
+        r = f.control_router("tcp://127.0.0.1:0")
+        assert r.getsockopt(zmq.BACKLOG) == 4096
+        f.close(0)
+    finally:
+        ctx.term()
