@@ -43,8 +43,8 @@ class TreeConfig:
 
     max_children: int = 16
     policy: str = RANDTREE
-    heartbeat: float = 0.5  # seconds between heartbeats on every tree link
-    misses: int = 4  # silent heartbeats before a peer is declared dead
+    heartbeat: float = 1.0  # seconds between heartbeats on every tree link
+    misses: int = 3  # silent heartbeats before a peer is declared dead (process deaths: at once)
     join_timeout: float = 1.0  # wait for an answer to JOIN before trying the next candidate
     backoff_base: float = 0.1
     backoff_cap: float = 5.0

@@ -285,7 +285,7 @@ def test_broadcast_to_a_closed_connection_names_the_subtree_dead_at_once():
 
 
 def test_a_death_below_a_joining_orphan_is_not_resurrected():
-    net = build(3, max_children=1)  # a chain: root - n0 - n1 - n2
+    net = build(3, max_children=1, heartbeat=0.5)  # a chain: root - n0 - n1 - n2; a beat < join timeout
     n0, mid, leaf = net.nodes["n0"], net.nodes["n1"], net.nodes["n2"]
     assert net.parent_of(mid) is n0 and net.parent_of(leaf) is mid
     net.kill("n0")
