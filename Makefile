@@ -40,9 +40,15 @@ test-pure: build
 demo: build
 	$(VPY) -m tools.demo
 
+# Every suite and script runs (each prints its figures against a baseline
+# from the same run); the target fails at the end if any of them missed one.
 bench: build
-	$(PYTEST) benchmarks -m "slow or not slow" --benchmark-enable --benchmark-columns=min,median,mean,ops,rounds -p no:cacheprovider
-	$(VPY) benchmarks/perf_relay.py
+	@status=0; \
+	$(PYTEST) benchmarks -m "slow or not slow" --benchmark-enable -s \
+		--benchmark-columns=min,median,mean,ops,rounds -p no:cacheprovider || status=1; \
+	$(VPY) benchmarks/perf_relay.py || status=1; \
+	$(VPY) benchmarks/perf_tree.py || status=1; \
+	exit $$status
 
 clean:
 	rm -rf $(VENV) build *.egg-info core/_fastpath.c core/_fastpath*.so core/_fastpath.stamp core/_fastpath.html

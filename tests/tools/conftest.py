@@ -14,20 +14,10 @@ if str(HERE) not in sys.path:  # fake_manager / fake_node, whatever the import m
 
 from fake_manager import FakeManager, make_members  # noqa: E402
 
+from tests.helpers import wait_for  # noqa: E402,F401  (re-exported: tests do `from conftest import wait_for`)
+
 FAKE_MANAGER = [sys.executable, str(HERE / "fake_manager.py")]
 FAKE_NODE = [sys.executable, str(HERE / "fake_node.py")]
-
-
-def wait_for(predicate, timeout: float = 10.0, interval: float = 0.02):
-    """Poll ``predicate`` until it is true; fail the test at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"condition not met within {timeout}s: {predicate}")
-        time.sleep(interval)
 
 
 @pytest.fixture
