@@ -82,14 +82,13 @@ def _targets(mgr, selector) -> tuple[list | None, set]:
         raise CommandError(BAD_SELECTOR, "a selector is a string such as 'web-*' or 'group=web'")
     members = mgr.membership.members
     if selector is None or selector.strip() in ("", "*"):
-        expected = set(members)  # everyone: no need to look at names and attributes
-    else:
-        known = [{"id": m.id, "name": m.name, "attrs": m.attrs} for m in members.values()]
-        expected = set(policy.select(known, selector))
+        return None, set(members)  # everyone: no need to look at names, attributes or states
+    known = [{"id": m.id, "name": m.name, "attrs": m.attrs} for m in members.values()]
+    expected = set(policy.select(known, selector))
     alive = {m.id for m in mgr.membership.alive()}
-    if selector and not expected & alive:
+    if not expected & alive:
         raise CommandError(BAD_SELECTOR, f"no live node matches the selector {selector!r}")
-    return (None if not selector else sorted(expected & alive)), expected
+    return sorted(expected & alive), expected
 
 
 @command
