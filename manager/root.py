@@ -123,8 +123,18 @@ class RootNode(TreeNode):
         self._open_op(op_id, links, timeout, body, reply_dst=0, now=now, future=fut)
         return await fut
 
-    async def request(self, node_id: int, op: str, args: dict, *, timeout: float = 10.0) -> dict:
-        """Unicast ``op`` to one node through the routing tables; its reply body."""
+    async def request(self, node: int | str, op: str, args: dict, *, timeout: float = 10.0) -> dict:
+        """Unicast ``op`` to one node (by id or name) through the routing tables; its reply body.
+
+        Raises ``LookupError`` when no live node has that name or no route leads
+        to it, ``asyncio.TimeoutError`` when it does not answer in time.
+        """
+        if isinstance(node, str):
+            member = self.membership.by_name(node)
+            if member is None:
+                raise LookupError(f"no node named {node!r}")
+            node = member.id
+        node_id = node
         op_id = p.next_msg_id()
         if self.routes.lookup(node_id) < 0:
             raise LookupError(f"no route to node #{node_id}")

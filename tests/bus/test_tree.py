@@ -356,3 +356,29 @@ def test_leaves_and_interior_nodes_answer_sync_async_and_awaitable_handlers():
             assert sorted(calls) == sorted(f"n{i}" for i in range(9)), "each handler ran exactly once per node"
 
     asyncio.run(main())
+
+
+def test_unicast_by_id_or_name_goes_down_the_routing_tables_only():
+    seen = []
+
+    def who(node, args, budget):
+        seen.append(node.name)
+        return {"name": node.name, "x": args.get("x")}
+
+    async def main():
+        net = FakeNet(TreeConfig(max_children=2))
+        for i in range(15):
+            net.add(f"n{i}", handlers={"who": who})
+        net.tick(1.0)
+        deep = max(net.live(), key=lambda n: depth_of(net, n))
+        assert depth_of(net, deep) >= 3
+        res = await drive(net, net.root.request(deep.node_id, "who", {"x": 1}, timeout=2.0))
+        (value, ids), = [(g[1], g[2]) for g in res["g"]]
+        assert value == {"name": deep.name, "x": 1} and ids == [deep.node_id]
+        assert seen == [deep.name], "only the target ran it; the hops just forwarded"
+        res = await drive(net, net.root.request("n3", "who", {}, timeout=2.0))
+        assert res["g"][0][1]["name"] == "n3"
+        with pytest.raises(LookupError):
+            await net.root.request("nobody", "who", {}, timeout=1.0)
+
+    asyncio.run(main())
