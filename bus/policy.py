@@ -50,6 +50,7 @@ class TreeConfig:
     backoff_cap: float = 5.0
     max_redirects: int = 32
     op_margin: float = 0.05  # each tree level answers this much before its parent's deadline
+    route_sync: float = 5.0  # seconds between full subtree announcements to the parent
 
     def __post_init__(self):
         if self.policy not in POLICIES:

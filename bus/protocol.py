@@ -111,6 +111,7 @@ class MsgType(IntEnum):
     ROUTE_LOST = 9  # child -> parent: ids no longer reachable
     REGISTER = 10  # node -> root: who I am and what I host (after a join or a root restart)
     REGISTER_ACK = 11  # root -> node (unicast): registration recorded; the node stops re-sending
+    ROUTE_SYNC = 12  # child -> parent, periodically: my whole subtree (anti-entropy for ROUTE_ADD/LOST)
     # commands and convergecast
     COMMAND = 16  # down the tree (broadcast or unicast)
     REPLY = 17  # up the tree, merged per level

@@ -95,6 +95,7 @@ class TreeNode(Convergecast):
         self.node_id = 0
         self.state = DETACHED
         self.depth = 0
+        self.path: list[int] = []  # ids from the root down to our parent (loop detection)
         self.parent_id = 0
         self.parent_endpoint: str | None = None
         self.grandparent_endpoint: str | None = None
@@ -113,6 +114,7 @@ class TreeNode(Convergecast):
         self._beat: tuple | None = None  # (node id, frames) of our heartbeat to the parent
         self._announced: list[int] = []  # the subtree our last JOIN announced
         self._unsent_lost: list[tuple] = []  # losses below us while we were not attached
+        self._next_sync = 0.0  # next full ROUTE_SYNC to the parent
         self._started = 0.0
         self.join_time: float | None = None  # seconds from start() to the first accept
         self._registration: dict = {}
@@ -128,6 +130,7 @@ class TreeNode(Convergecast):
             "joins": 0,
             "rejoins": 0,
             "redirects": 0,
+            "loops": 0,
             "join_timeouts": 0,
             "join_rejects": 0,
             "children_lost": 0,
@@ -226,7 +229,17 @@ class TreeNode(Convergecast):
         return out
 
     def _on_accept(self, body: dict, now: float) -> None:
+        path = list(body.get("path") or [])
+        if self.node_id in path:
+            # The candidate sits below us (our view of our subtree was stale): joining
+            # there would close a loop cut off from the root.  Leave it, try the next one.
+            self.counters["loops"] += 1
+            log.info("%s: refused a parent inside its own subtree (path %s)", self.name, path)
+            self.transport.send_parent(p.encode(p.MsgType.LEAVE, {"id": body.get("id", 0)}, src=body.get("id", 0)))
+            self._join_deadline = now
+            return
         rejoin = self._orphaned_at is not None
+        self.path = path
         cfg = body.get("cfg")
         if cfg:  # the root's timers and shape win, so the whole tree agrees
             self.config = replace(self.config, max_children=cfg["k"], policy=cfg["pol"], heartbeat=cfg["hb"],
@@ -295,14 +308,16 @@ class TreeNode(Convergecast):
             "orphaned_for": round(orphaned_for, 4),
         }
 
-    def _orphan(self, now: float, why: str) -> None:
+    def _orphan(self, now: float, why: str, via_root: bool = False) -> None:
         log.info("%s: parent %s %s; rejoining", self.name, self.parent_endpoint, why)
         self.counters["parent_lost"] += 1
         self.transport.disconnect_parent()
         self.forwarder.has_parent = False
         self._orphaned_at = now
         self._attempt = 0
-        self._begin_join([self.grandparent_endpoint, self.root_endpoint], now)
+        self.path = []
+        first = [] if via_root else [self.grandparent_endpoint]
+        self._begin_join([*first, self.root_endpoint], now)
 
     # -- messages from the parent ----------------------------------------------------
     def on_parent(self, msg: p.Message) -> None:
@@ -331,6 +346,16 @@ class TreeNode(Convergecast):
             return
         self._parent_heard = now
         if t == p.MsgType.HEARTBEAT:
+            path = body.get("path")
+            if path is not None:
+                if self.node_id in path:
+                    # Our chain of parents loops back to us: heartbeats keep such a ring
+                    # alive, cut off from the root, so break it and rejoin at the root.
+                    # (A path not starting at the root is fine: an ancestor may be rejoining.)
+                    self.counters["loops"] += 1
+                    self._orphan(now, "is in a loop cut off from the root", via_root=True)
+                    return
+                self.path = list(path)
             self.depth = body.get("d", self.depth - 1) + 1
             self.grandparent_endpoint = body.get("gp")
             self.root_endpoint = body.get("rep") or self.root_endpoint
@@ -390,9 +415,13 @@ class TreeNode(Convergecast):
         if t == p.MsgType.HEARTBEAT:
             return
         if t == p.MsgType.ROUTE_ADD:
-            ids = [i for i in body.get("ids", []) if i != self.node_id]
+            if self.node_id in body.get("ids", ()):
+                return  # our own id coming up from below: a loop, which the heartbeat path breaks
+            ids = self._not_stealing(body.get("ids", []), link)
             self.routes.add_subtree(link, ids)
             self.routes_added(ids, link)
+        elif t == p.MsgType.ROUTE_SYNC:
+            self._sync_routes(link, body.get("ids", []))
         elif t == p.MsgType.ROUTE_LOST:
             # Only ids still routed through this link: an orphan may already be back elsewhere.
             gone = [i for i in body.get("ids", []) if self.routes.lookup(i) == link]
@@ -404,6 +433,40 @@ class TreeNode(Convergecast):
             self._on_reply(link, msg, now)
         else:
             self._route(msg, link)
+
+    def _not_stealing(self, ids, link: int) -> list:
+        """``ids`` minus our direct children on other links: a child's own link is authoritative
+        for its id, whatever a stale claim from elsewhere in the subtree says."""
+        direct = {c.node_id: l for l, c in self.children.items()}
+        return [i for i in ids if direct.get(i, link) == link]
+
+    def _sync_routes(self, link: int, ids: list) -> None:
+        """A child's full subtree: make our routes through ``link`` exactly that.
+
+        Incremental ROUTE_ADD/ROUTE_LOST can be lost (sent to a parent that had
+        just died) or garbled by a transient loop; this periodic full state
+        repairs whatever they missed, and the difference travels up as usual.
+        """
+        if self.node_id in ids:
+            return  # a loop: the heartbeat path check breaks it
+        child = self.children.get(link)
+        if child is None:
+            return
+        if self.routes.lookup(child.node_id) != link:
+            self.routes.add(child.node_id, link)  # a direct child is always reached through its own link
+            self.routes_added([child.node_id], link)
+        claimed = set(self._not_stealing(ids, link))
+        claimed.discard(child.node_id)
+        current = set(self.routes.ids_via(link))
+        current.discard(child.node_id)
+        added = sorted(claimed - current)
+        gone = sorted(current - claimed)
+        if added:
+            self.routes.add_subtree(link, added)
+            self.routes_added(added, link)
+        if gone:
+            self.routes.remove_subtree(gone)
+            self.routes_lost(gone, "unreachable", None)
 
     def _on_join(self, identity: bytes, body: dict, now: float) -> None:
         reject = None
@@ -472,6 +535,7 @@ class TreeNode(Convergecast):
             "rep": self.root_endpoint,
             "rid": self.root_id,
             "ep": self.epoch,
+            "path": [*self.path, self.node_id],
             "cfg": {"k": self.config.max_children, "pol": self.config.policy, "hb": self.config.heartbeat,
                     "mi": self.config.misses},
         }
@@ -565,7 +629,7 @@ class TreeNode(Convergecast):
         beat = p.encode(
             p.MsgType.HEARTBEAT,
             {"d": self.depth, "gp": None if self.is_root else self.parent_endpoint, "ep": self.epoch,
-             "rep": self.root_endpoint},
+             "rep": self.root_endpoint, "path": [*self.path, self.node_id]},
             src=self.node_id,
         )
         for link, child in list(self.children.items()):
@@ -609,6 +673,9 @@ class TreeNode(Convergecast):
                     self._beat = (self.node_id, p.encode(p.MsgType.HEARTBEAT, None, src=self.node_id))
                 self.transport.send_parent(list(self._beat[1]))
                 self.counters["heartbeats_sent"] += 1
+                if now >= self._next_sync:
+                    self._next_sync = now + self.config.route_sync * (0.75 + 0.5 * self.rng.random())
+                    self.send_up(p.MsgType.ROUTE_SYNC, {"ids": self.routes_ids()}, to_parent=True)
         for link, child in list(self.children.items()):
             if policy.is_silent(child.last_heard, now, self.config):
                 self._drop_child(link, "dead", now)

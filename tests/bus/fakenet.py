@@ -103,6 +103,14 @@ class FakeNet:
         """The process died: its connections close (sends to it fail)."""
         self.dead.add(name)
 
+    def crash(self, names) -> None:
+        """Several nodes of one process die at once, and their children see the closed connections."""
+        names = set(names)
+        self.dead.update(names)
+        for ep, t in self.transports.items():
+            if ep not in self.dead and t.parent in names:
+                self.nodes[ep].parent_lost()
+
     def hang(self, name: str) -> None:
         """The process hangs: connections stay up, nothing is processed or sent."""
         self.hung.add(name)
