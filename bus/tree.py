@@ -34,6 +34,7 @@ __all__ = ["Transport", "TreeNode", "Child", "OpResult", "ROOT_ID"]
 log = logging.getLogger(__name__)
 
 ROOT_ID = 1  # the manager is always node 1
+MAX_LEVELS = 64  # no real tree is deeper: a route change that climbed further is circling a loop
 
 DETACHED, JOINING, ATTACHED, STOPPED = "detached", "joining", "attached", "stopped"
 
@@ -115,6 +116,7 @@ class TreeNode(Convergecast):
         self._announced: list[int] = []  # the subtree our last JOIN announced
         self._unsent_lost: list[tuple] = []  # losses below us while we were not attached
         self._next_sync = 0.0  # next full ROUTE_SYNC to the parent
+        self._hops = 0  # levels the route change being handled has climbed
         self._started = 0.0
         self.join_time: float | None = None  # seconds from start() to the first accept
         self._registration: dict = {}
@@ -414,25 +416,41 @@ class TreeNode(Convergecast):
         self.children[link].last_heard = now
         if t == p.MsgType.HEARTBEAT:
             return
-        if t == p.MsgType.ROUTE_ADD:
-            if self.node_id in body.get("ids", ()):
-                return  # our own id coming up from below: a loop, which the heartbeat path breaks
-            ids = self._not_stealing(body.get("ids", []), link)
-            self.routes.add_subtree(link, ids)
-            self.routes_added(ids, link)
-        elif t == p.MsgType.ROUTE_SYNC:
-            self._sync_routes(link, body.get("ids", []))
-        elif t == p.MsgType.ROUTE_LOST:
-            # Only ids still routed through this link: an orphan may already be back elsewhere.
-            gone = [i for i in body.get("ids", []) if self.routes.lookup(i) == link]
-            self.routes.remove_subtree(gone)
-            self.routes_lost(gone, body.get("reason", "dead"), body.get("dead"))
+        if t in (p.MsgType.ROUTE_ADD, p.MsgType.ROUTE_SYNC, p.MsgType.ROUTE_LOST):
+            self._on_route_change(t, body, link)
         elif t == p.MsgType.LEAVE:
             self._drop_child(link, "left", now)
         elif t == p.MsgType.REPLY and msg.header.dst == self.node_id and msg.header.ref in self._ops:
             self._on_reply(link, msg, now)
         else:
             self._route(msg, link)
+
+    def _on_route_change(self, t: int, body: dict, link: int) -> None:
+        """ROUTE_ADD / ROUTE_SYNC / ROUTE_LOST from the child on ``link``."""
+        hops = body.get("h", 0)
+        if hops >= MAX_LEVELS:
+            # Climbed more levels than any tree has: it is circling a loop (which the
+            # heartbeat path is about to break).  Without this it would circle until then.
+            self.counters["loops"] += 1
+            return
+        # Route changes this message causes go on up carrying the count.
+        self._hops = 1 if t == p.MsgType.ROUTE_SYNC else hops + 1
+        try:
+            if t == p.MsgType.ROUTE_ADD:
+                if self.node_id in body.get("ids", ()):
+                    return  # our own id coming up from below: a loop, which the heartbeat path breaks
+                ids = self._not_stealing(body.get("ids", []), link)
+                self.routes.add_subtree(link, ids)
+                self.routes_added(ids, link)
+            elif t == p.MsgType.ROUTE_SYNC:
+                self._sync_routes(link, body.get("ids", []))
+            else:
+                # Only ids still routed through this link: an orphan may already be back elsewhere.
+                gone = [i for i in body.get("ids", []) if self.routes.lookup(i) == link]
+                self.routes.remove_subtree(gone)
+                self.routes_lost(gone, body.get("reason", "dead"), body.get("dead"))
+        finally:
+            self._hops = 0
 
     def _not_stealing(self, ids, link: int) -> list:
         """``ids`` minus our direct children on other links: a child's own link is authoritative
@@ -564,7 +582,7 @@ class TreeNode(Convergecast):
     # -- route changes travel up (the root overrides these) ---------------------------
     def routes_added(self, ids: list, link: int, info: dict | None = None) -> None:
         if ids:
-            self.send_up(p.MsgType.ROUTE_ADD, {"ids": ids}, to_parent=True)
+            self.send_up(p.MsgType.ROUTE_ADD, {"ids": ids, "h": self._hops}, to_parent=True)
 
     def routes_lost(self, ids: list, reason: str, dead: int | None) -> None:
         if not ids:
@@ -572,7 +590,8 @@ class TreeNode(Convergecast):
         if self.state != ATTACHED:
             self._unsent_lost.append((list(ids), reason, dead))  # reported once we are accepted
             return
-        self.send_up(p.MsgType.ROUTE_LOST, {"ids": ids, "reason": reason, "dead": dead}, to_parent=True)
+        self.send_up(p.MsgType.ROUTE_LOST, {"ids": ids, "reason": reason, "dead": dead, "h": self._hops},
+                     to_parent=True)
 
     def send_up(self, msg_type, body: dict, to_parent: bool = False) -> None:
         """Send toward the root (to the parent for hop-by-hop messages)."""
