@@ -87,7 +87,8 @@ def test_id_and_link_ranges(routes):
 
 def test_lookups_follow_dict_semantics(fp, routes):
     routes.add_subtree(3, [1, 5])
-    assert True in routes and 5.0 in routes and "5" not in routes and 2**70 not in routes and -5 not in routes
+    assert (True in routes) and (5.0 in routes), "like a dict: True == 1 and 5.0 == 5 find their routes"
+    assert "5" not in routes and 2**70 not in routes and -5 not in routes
     assert routes.lookup(True) == 3 and routes.lookup(-1) == fp.LINK_UP and routes.lookup(None) == fp.LINK_UP
     assert routes.ids_via(3.0) == [1, 5] and routes.ids_via("3") == []
     with pytest.raises(TypeError):
