@@ -69,6 +69,18 @@ def _check(value: int, limit: int, name: str) -> int:
     return value
 
 
+#: The header's fields in wire order, with their ranges (one table for every check).
+_FIELDS = (
+    ("version", _U8), ("type", _U8), ("flags", _U16), ("msg_id", _U64), ("ref", _U64), ("src", _U32),
+    ("dst", _U32), ("ttl", _U8), ("hops", _U8), ("extra", _U16), ("body_len", _U32),
+)
+
+
+def _check_fields(fields, values) -> tuple:
+    """``_check`` each value against its field's range, in order (first failure raises)."""
+    return tuple(_check(v, limit, name) for (name, limit), v in zip(fields, values))
+
+
 def _snapshot(counters: dict) -> MappingProxyType:
     return MappingProxyType(dict(counters))
 
@@ -89,19 +101,7 @@ class Header:
     __slots__ = ("_t",)
 
     def __init__(self, version, type, flags, msg_id, ref, src, dst, ttl, hops, extra, body_len):
-        t = (
-            _check(version, _U8, "version"),
-            _check(type, _U8, "type"),
-            _check(flags, _U16, "flags"),
-            _check(msg_id, _U64, "msg_id"),
-            _check(ref, _U64, "ref"),
-            _check(src, _U32, "src"),
-            _check(dst, _U32, "dst"),
-            _check(ttl, _U8, "ttl"),
-            _check(hops, _U8, "hops"),
-            _check(extra, _U16, "extra"),
-            _check(body_len, _U32, "body_len"),
-        )
+        t = _check_fields(_FIELDS, (version, type, flags, msg_id, ref, src, dst, ttl, hops, extra, body_len))
         object.__setattr__(self, "_t", t)
 
     def __setattr__(self, name, value):
@@ -193,19 +193,8 @@ class FrameCodec:
         body_len = _check(body_len, _U32, "body_len")
         if body_len > self._max_body:
             raise FrameTooLarge(f"body of {body_len} bytes exceeds the limit of {self._max_body}")
-        out = _HEADER.pack(
-            self._version,
-            type,
-            _check(flags, _U16, "flags"),
-            _check(msg_id, _U64, "msg_id"),
-            _check(ref, _U64, "ref"),
-            _check(src, _U32, "src"),
-            _check(dst, _U32, "dst"),
-            _check(ttl, _U8, "ttl"),
-            _check(hops, _U8, "hops"),
-            _check(extra, _U16, "extra"),
-            body_len,
-        )
+        middle = _check_fields(_FIELDS[2:10], (flags, msg_id, ref, src, dst, ttl, hops, extra))
+        out = _HEADER.pack(self._version, type, *middle, body_len)
         self._c["packed"] += 1
         return out
 
