@@ -99,6 +99,9 @@ class TreeNode(Convergecast):
         self.path: list[int] = []  # ids from the root down to our parent (loop detection)
         self.parent_id = 0
         self.parent_endpoint: str | None = None
+        self.parent_data: str | None = None  # the parent's data-plane ROUTER (packages are pulled from it)
+        #: called with the parent's data endpoint (None when orphaned) on every change of parent
+        self.on_reparent: Callable[[str | None], None] | None = None
         self.grandparent_endpoint: str | None = None
         self.root_endpoint = root_endpoint
         self.root_id = ROOT_ID
@@ -252,6 +255,9 @@ class TreeNode(Convergecast):
         self.parent_id = body["parent"]
         self.depth = body["depth"]
         self.grandparent_endpoint = body.get("gp")
+        self.parent_data = body.get("pdata")
+        if self.on_reparent is not None:
+            self.on_reparent(self.parent_data)
         self.root_endpoint = body.get("rep") or self.root_endpoint
         self.root_id = body.get("rid", ROOT_ID)
         self.state = ATTACHED
@@ -314,6 +320,9 @@ class TreeNode(Convergecast):
         log.info("%s: parent %s %s; rejoining", self.name, self.parent_endpoint, why)
         self.counters["parent_lost"] += 1
         self.transport.disconnect_parent()
+        self.parent_data = None
+        if self.on_reparent is not None:
+            self.on_reparent(None)
         self.forwarder.has_parent = False
         self._orphaned_at = now
         self._attempt = 0
@@ -550,6 +559,7 @@ class TreeNode(Convergecast):
             "parent": self.node_id,
             "depth": self.depth + 1,
             "gp": self.parent_endpoint if not self.is_root else None,
+            "pdata": self.transport.data_endpoint,
             "rep": self.root_endpoint,
             "rid": self.root_id,
             "ep": self.epoch,

@@ -129,6 +129,85 @@ async def cmd_broadcast(mgr, args: dict) -> dict:
     return dict(out)
 
 
+# -- applications (manager/apps.py) ---------------------------------------------------------
+
+def _apps(mgr):
+    if mgr.apps is None:
+        raise CommandError(FAILED, "this manager runs without a state directory, so it hosts no applications; "
+                                   "start it with --state-dir (bus-ctl up does)")
+    return mgr.apps
+
+
+async def _app_call(coro):
+    from manager.apps import DeployError
+
+    try:
+        return await coro
+    except DeployError as e:
+        raise CommandError(e.code, str(e)) from None
+
+
+@command
+async def cmd_deploy(mgr, args: dict) -> dict:
+    """``deploy`` {spec, spec_file, resources, resources_file, cwd, timeout, force} -> {app, gen, already, phase,
+    assignment}: check everything, then deploy in the background (follow it with ``progress``).
+    Deploying the same spec and directory again is a no-op while the app is deployed (``already``)."""
+    return await _app_call(_apps(mgr).deploy(args))
+
+
+@command
+async def cmd_apps(mgr, args: dict) -> dict:
+    """``apps`` -> {apps: [{name, phase, gen, nodes, created, error}]}."""
+    return {"apps": _apps(mgr).list()}
+
+
+@command
+async def cmd_progress(mgr, args: dict) -> dict:
+    """``progress`` {app} -> {name, phase, error, phases: [{key, state, done, failed}], barriers, events, ...}:
+    the manager's record only (no node is asked)."""
+    return await _app_call(_sync(_apps(mgr).progress, args.get("app")))
+
+
+@command
+async def cmd_app_status(mgr, args: dict) -> dict:
+    """``app_status`` {app, timeout} -> progress plus {processes: [{node, component, name, block, state, pid,
+    restarts, exit_code, reason}], missing: [{node, reason}]} asked of the app's nodes."""
+    return await _app_call(_apps(mgr).status(args.get("app"), _timeout(args, 5.0)))
+
+
+@command
+async def cmd_logs(mgr, args: dict) -> dict:
+    """``logs`` {app, node, process, stream: out|err, offsets: {node: {process: offset}}, limit} ->
+    {logs: {node: {process: {text, offset, size}}}, missing}: log bytes from each offset (negative: the tail)."""
+    return await _app_call(_apps(mgr).logs(args, _timeout(args, 5.0)))
+
+
+@command
+async def cmd_stop(mgr, args: dict) -> dict:
+    """``stop`` {app} -> {app, done, failed, missing}: stop every process (they are not restarted)."""
+    return await _app_call(_apps(mgr).stop(args.get("app"), _timeout(args, 30.0)))
+
+
+@command
+async def cmd_start(mgr, args: dict) -> dict:
+    """``start`` {app} -> {app, done, failed, missing}: start again what ``stop`` stopped."""
+    return await _app_call(_apps(mgr).start(args.get("app"), _timeout(args, 30.0)))
+
+
+@command
+async def cmd_cleanup(mgr, args: dict) -> dict:
+    """``cleanup`` {app} -> {app, done, failed, missing, removed}: stop everything and remove the files on
+    every node, then forget the app; idempotent."""
+    name = args.get("app")
+    if not isinstance(name, str) or not name:
+        raise CommandError(BAD_ARGS, "cleanup needs an application name")
+    return await _app_call(_apps(mgr).cleanup(name, _timeout(args, 30.0)))
+
+
+async def _sync(fn, *a):
+    return fn(*a)
+
+
 @command
 async def cmd_shutdown(mgr, args: dict) -> dict:
     """``shutdown`` -> {}: stop the manager (nodes keep running and wait for it to return)."""

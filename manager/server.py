@@ -51,6 +51,8 @@ class Manager:
         self._stopping = asyncio.Event()
         self._ticker: asyncio.Task | None = None
         self._tasks: set[asyncio.Task] = set()
+        self.apps = None  # manager.apps.AppController, with a state directory
+        self.chunks = None  # bus.transfer.ChunkService: serves packages to the root's children
 
     @property
     def membership(self):
@@ -71,6 +73,15 @@ class Manager:
         self.link.on_child = self._on_control
         self.link.heard_child = self.root.heard_child
         self._started = self.clock()
+        if self.state_dir is not None:
+            from bus.transfer import ChunkService
+            from manager.apps import AppController
+
+            self.apps = AppController(self, self.state_dir)
+            self.chunks = ChunkService(self.factory, self.loop, self.apps.cache)
+            self.chunks.serve(self.link)
+            self.chunks.set_upstream(None)
+            self.apps.resume()
         self._ticker = asyncio.get_running_loop().create_task(self._tick_forever())
         self._write_state()
         log.info("manager up: control %s, data %s, epoch %d, max_children %d, policy %s",
@@ -134,6 +145,10 @@ class Manager:
         for t in list(self._tasks):
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.apps is not None:
+            await self.apps.close()
+        if self.chunks is not None:
+            self.chunks.close()
         if self.root is not None:
             await self.root.stop()
         if self.loop is not None:

@@ -182,6 +182,7 @@ class Process:
     run_timeout: float | None = None
     stop_grace: float | None = None
     exit_codes: frozenset[int] = frozenset({0})
+    wait: Literal["exit", "start"] = "exit"  # the block is done when it exited (ok), or once it runs
 
 
 @dataclass(frozen=True)
@@ -624,7 +625,7 @@ class _Builder:
             _text(cwd) if cwd is not None else None, restart,
             float(t.get("run")) if t is not None and t.get("run") else None,
             float(t.get("grace")) if t is not None and t.get("grace") else None,
-            exit_codes)
+            exit_codes, el.get("wait", "exit"))
 
 
 _WRAPPERS = frozenset({"rspec", "resources", "execution"})

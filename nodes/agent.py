@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
+from pathlib import Path
 
 import zmq
 
@@ -17,9 +19,12 @@ from bus.link import NodeLink
 from bus.planes import PlaneLoop, SocketFactory
 from bus.policy import TreeConfig
 from bus.tree import ATTACHED, TreeNode
+from nodes.apps import APP_HANDLERS, AppHost
 from nodes.ops import HANDLERS
 
 __all__ = ["NodeHost"]
+
+_HANDLERS = {**HANDLERS, **APP_HANDLERS}
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +38,8 @@ class NodeHost:
 
     def __init__(self, join: str, names: list[str], *, bind_host: str = "127.0.0.1",
                  advertise_host: str | None = None, attrs: dict | None = None,
-                 config: TreeConfig = TreeConfig(), seed: int | None = None):
+                 config: TreeConfig = TreeConfig(), seed: int | None = None,
+                 state_dir: str | os.PathLike | None = None):
         if not names:
             raise ValueError("a NodeHost needs at least one node name")
         self.join = join
@@ -42,6 +48,7 @@ class NodeHost:
         self.advertise_host = advertise_host
         self.attrs = dict(attrs or {})
         self.config = config
+        self.state_dir = Path(state_dir) if state_dir is not None else None
         self.rng = random.Random(seed)
         self.nodes: list[TreeNode] = []
         self.links: list[NodeLink] = []
@@ -61,7 +68,11 @@ class NodeHost:
                             advertise_host=self.advertise_host)
             link.open()
             node = TreeNode(name, link, config=self.config, root_endpoint=self.join, attrs=self.attrs,
-                            handlers=HANDLERS, rng=random.Random(self.rng.random()))
+                            handlers=_HANDLERS, rng=random.Random(self.rng.random()))
+            if self.state_dir is not None:
+                # Applications: packages pulled from the parent's data plane, processes supervised.
+                node.apps = AppHost(node, self.state_dir / name, self.factory, self.loop, link)
+                node.on_reparent = node.apps.set_upstream
             link.on_child = node.on_child
             link.on_parent = node.on_parent
             link.heard_child = node.heard_child
@@ -91,6 +102,8 @@ class NodeHost:
             self._ticker = None
         for node in self.nodes:
             await node.stop()
+            if getattr(node, "apps", None) is not None:
+                await node.apps.close()
         if self.loop is not None:
             await self.loop.stop()
         for link in self.links:

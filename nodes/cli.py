@@ -6,6 +6,7 @@ Exit codes: 0 stopped by SIGTERM/SIGINT; 1 could not start (e.g. bind failed);
 
 from __future__ import annotations
 
+import os
 import socket as _socket
 import sys
 
@@ -38,9 +39,11 @@ def _attrs(pairs: tuple[str, ...], group: str | None) -> dict:
 @click.option("--bind-host", default=None, help="Address to bind (default: 127.0.0.1 when joining loopback, else 0.0.0.0).")
 @click.option("--advertise", default=None, help="Address other nodes use to reach this one (default: the bind address).")
 @click.option("--join-timeout", type=float, default=0.0, help="Give up (exit 3) if not joined after S seconds; 0 = never.")
+@click.option("--state-dir", default=None, metavar="DIR",
+              help="Where applications live (packages, files, logs); default $SNSBUS_NODE_DIR or ~/.snsbus/node.")
 @click.option("--log-level", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
-def main(join, name, virtual, group, attr, bind_host, advertise, join_timeout, log_level):
+def main(join, name, virtual, group, attr, bind_host, advertise, join_timeout, state_dir, log_level):
     """Join the snsbus tree at JOIN and serve until stopped."""
     # bus-node never speaks TLS (CURVE secures the bus), and asyncio imports
     # ssl only if it can: keeping OpenSSL out saves ~5 MB of RSS per process.
@@ -70,7 +73,8 @@ def main(join, name, virtual, group, attr, bind_host, advertise, join_timeout, l
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        host_ = NodeHost(join, names, bind_host=bind_host, advertise_host=advertise, attrs=attrs)
+        sdir = state_dir or os.environ.get("SNSBUS_NODE_DIR") or os.path.expanduser("~/.snsbus/node")
+        host_ = NodeHost(join, names, bind_host=bind_host, advertise_host=advertise, attrs=attrs, state_dir=sdir)
         try:
             await host_.start()
         except SocketSetupError as e:

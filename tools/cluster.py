@@ -55,6 +55,7 @@ POLICIES = ("randtree", "balanced", "star")
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 MANAGER_ARGV = (sys.executable, "-m", "manager")
 NODE_ARGV = (sys.executable, "-m", "nodes.cli")
+NODE_DIR = "nodes"  # under the state directory: each node's packages, applications and logs
 
 # Popen objects of the processes this interpreter started and has not reaped yet:
 # kept so they are reaped (no zombies) and never garbage-collected while running.
@@ -372,7 +373,8 @@ def start_nodes(
     while left > 0:
         k = min(per_process, left)
         name = f"{prefix}-{index}"
-        argv = [*(node_argv or NODE_ARGV), "--join", join, "--name", name]
+        argv = [*(node_argv or NODE_ARGV), "--join", join, "--name", name,
+                "--state-dir", str(sdir / NODE_DIR)]
         if per_process > 1:
             argv += ["--virtual", str(k)]
         if group:
@@ -387,6 +389,29 @@ def start_nodes(
         info["next_index"] = index
         _save(sdir, info)  # after each spawn: a crash here must not orphan a node
     return started
+
+
+def start_named_node(state_dir=None, name: str = "node", *, join: str | None = None, group: str | None = None,
+                     attrs: dict | None = None, node_argv=None) -> dict:
+    """Start one bus-node joining as ``name`` (a resource of a directory); returns its entry.
+
+    Recorded in ``cluster.json`` like the others, so ``down`` stops it.
+    """
+    sdir = state.resolve_state_dir(state_dir)
+    info = cluster_info(sdir) or {"manager": None, "nodes": [], "next_index": 0}
+    if join is None:
+        join = (state.manager_info(sdir) or info.get("manager") or {}).get("control")
+        if not join:
+            raise ClusterError(f"no manager recorded in {sdir}; start one with `bus-ctl up`")
+    argv = [*(node_argv or NODE_ARGV), "--join", join, "--name", name, "--state-dir", str(sdir / NODE_DIR)]
+    if group:
+        argv += ["--group", group]
+    for k, v in (attrs or {}).items():
+        argv += ["--attr", f"{k}={v}"]
+    entry = dict(_spawn(argv, sdir / state.LOG_DIR / f"{name}.log"), name=name, virtual=0, group=group)
+    info.setdefault("nodes", []).append(entry)
+    _save(sdir, info)
+    return entry
 
 
 def wait_members(endpoint: str, expected: int, timeout: float = 30.0, *, watch=()) -> int:

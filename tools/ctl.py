@@ -245,11 +245,26 @@ def ping(as_json, state_dir, endpoint, timeout):
 
 
 @main.command()
+@click.argument("app", required=False)
 @click.option("--events", "n_events", type=int, default=10, show_default=True,
               help="Recent failure/repair events to show.")
 @_manager_options
-def status(n_events, as_json, state_dir, endpoint, timeout):
-    """Members of the tree (table), summary, and recent failures and repairs."""
+def status(app, n_events, as_json, state_dir, endpoint, timeout):
+    """Members of the tree (table), summary, and recent failures and repairs.
+
+    With APP: the application's phases, and per component and node its
+    processes (state, pid, restarts, last exit code).
+    """
+    if app:
+        res = _call(_endpoint(endpoint, state_dir), "app_status", {"app": app, "timeout": timeout},
+                    timeout=timeout + 2)
+        if as_json:
+            _echo_json(res)
+            return
+        from tools.render_apps import format_app_status
+
+        click.echo(format_app_status(res), nl=False)
+        return
     res = _call(_endpoint(endpoint, state_dir), "status", timeout=timeout)
     if as_json:
         _echo_json(res)
@@ -316,6 +331,8 @@ def exec_(selector, timeout, as_json, endpoint, state_dir, command):
     if exec_failed(res):
         click.get_current_context().exit(EXIT_NODES_FAILED)
 
+
+from tools import ctl_apps  # noqa: E402,F401  (registers deploy, apps, logs, stop, start, cleanup)
 
 if __name__ == "__main__":
     main()
