@@ -267,6 +267,9 @@ class AppController:
         q = {"app": rec["name"], "process": args.get("process"), "stream": args.get("stream", "out"),
              "offsets": args.get("offsets") or {}, "limit": args.get("limit", 65536)}
         per_node, missing = await self._ask(nodes, "app.logs", q, timeout)
+        per_node = {n: v for n, v in per_node.items() if v}  # nodes that do not run that process
+        if args.get("process") and not per_node and not missing:
+            raise DeployError("BAD_ARGS", f"no node of {rec['name']!r} runs a process named {args['process']!r}")
         return {"logs": per_node, "missing": missing}
 
     async def stop(self, name, timeout: float) -> dict:

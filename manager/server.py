@@ -129,6 +129,8 @@ class Manager:
             "members": self.membership.snapshot(),
             "events": list(self.membership.events)[-50:],
             "counters": {**r.counters, **self.membership.counters},
+            # bytes the controller uploaded: packages served from the root's data plane
+            "transfer": self.chunks.statistics() if self.chunks is not None else {},
         }
 
     def request_stop(self) -> None:

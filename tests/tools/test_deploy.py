@@ -260,3 +260,24 @@ def test_manager_restart_keeps_applications_and_processes(state_dir, manager, tm
     assert daemon["pid"] == pid and daemon["state"] == "running" and state.pid_alive(pid)
     _cli("cleanup", "keep", "--state-dir", state_dir)
     wait_for(lambda: not state.pid_alive(pid), timeout=5)
+
+
+def test_multi_example_install_barrier_services(state_dir, manager, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    res = _cli("deploy", "examples/multi.xml", "-r", "examples/directory.xml", "--state-dir", state_dir)
+    assert "multi (gen 1): running on 4 node(s)" in res.stdout
+    nodes_dir = state_dir / cluster.NODE_DIR
+    for n in ("local1", "local2", "local3", "local4"):  # the install command ran everywhere
+        assert (nodes_dir / n / "apps" / "multi" / "tools" / "INSTALLED").read_text() == f"installed on {n}\n"
+    st = _json("status", "multi", "--state-dir", state_dir)
+    procs = _procs(st)
+    assert {k for k in procs} == {("local1", "server"), ("local2", "server"), ("local3", "client"),
+                                  ("local4", "client"), ("local3", "summary"), ("local4", "summary")}
+    servers = [procs[(n, "server")] for n in ("local1", "local2")]
+    assert all(s["state"] == "running" and state.pid_alive(s["pid"]) for s in servers)
+    logs = _json("logs", "multi", "--process", "summary", "--state-dir", state_dir)["logs"]
+    assert {n: v["summary"]["text"] for n, v in logs.items()} == {"local3": "all done\n", "local4": "all done\n"}
+    _cli("cleanup", "multi", "--state-dir", state_dir)
+    for s in servers:
+        wait_for(lambda: not state.pid_alive(s["pid"]), timeout=5)
+    assert not any((nodes_dir / n / "apps" / "multi").exists() for n in ("local1", "local2", "local3", "local4"))
