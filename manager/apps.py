@@ -174,6 +174,10 @@ class AppController:
                         raise DeployError("BAD_PACKAGE", f"{where}: file {pk.path!r} not found (looked in {cwd} "
                                                          f"and next to {spec_file})")
                     digest = await asyncio.to_thread(self.cache.put, path)
+                if pk.sha256 and digest != pk.sha256:
+                    raise DeployError("BAD_PACKAGE", f"{where}: sha256 mismatch: the spec pins {pk.sha256} but "
+                                                     f"{pk.path} has {digest}; the package was tampered with or "
+                                                     f"replaced, nothing was deployed")
                 out[(soft.name, pk.name)] = {"sha": digest, "size": self.cache.path(digest).stat().st_size}
         return out
 

@@ -131,6 +131,7 @@ class Package:
     path: str
     archive: Literal["tar", "tar.gz", "zip"] | None  # None: copied as is
     dest: str | None = None
+    sha256: str | None = None  # pinned content (our addition)
 
 
 @dataclass(frozen=True)
@@ -458,7 +459,8 @@ class _Builder:
             dest = p.find("dest")
             pkgs.append(Package(p.get("name"), p.get("type"), path,
                                 _archive(path, el.get("type")),
-                                _text(dest) if dest is not None else None))
+                                _text(dest) if dest is not None else None,
+                                (p.get("sha256") or "").lower() or None))
         if not el.findall("package"):
             self.at(el, f"<software name={el.get('name')!r}> needs a <package> (what to ship)")
         inst = el.findall("install")

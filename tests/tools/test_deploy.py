@@ -281,3 +281,43 @@ def test_multi_example_install_barrier_services(state_dir, manager, monkeypatch)
     for s in servers:
         wait_for(lambda: not state.pid_alive(s["pid"]), timeout=5)
     assert not any((nodes_dir / n / "apps" / "multi").exists() for n in ("local1", "local2", "local3", "local4"))
+
+
+def test_web_package_pinned_by_sha256_and_tampered_copy_refused(state_dir, manager, tmp_path):
+    import functools
+    import hashlib
+    import http.server
+    import threading
+
+    www = tmp_path / "www"
+    www.mkdir()
+    _tar(www / "app.tar", {"data/msg.txt": b"served over http\n"})
+    good = hashlib.sha256((www / "app.tar").read_bytes()).hexdigest()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(www))
+    handler.log_message = lambda *a: None
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}/app.tar"
+        d = _directory(tmp_path / "dir.xml", ["w1"])
+
+        def spec(name, sha):
+            path = tmp_path / f"{name}.xml"
+            path.write_text(RESTARTS.format(name=name, process="""
+              <process name="show"><path>cat</path><cmdline><arg>data/msg.txt</arg></cmdline></process>""").replace(
+                '<component name="c">', f'<software name="s"><package name="web" type="web" sha256="{sha}">'
+                                        f'<path>{url}</path></package></software><component name="c">').replace(
+                '<resource type="local" group="g"/>', '<resource type="local" group="g"/><software name="s"/>'))
+            return path
+
+        prog = _json("deploy", spec("webok", good), "-r", d, "--state-dir", state_dir)
+        assert prog["phase"] == "completed", prog
+        assert _json("logs", "webok", "--state-dir", state_dir)["logs"]["w1"]["show"]["text"] == "served over http\n"
+
+        _tar(www / "app.tar", {"data/msg.txt": b"evil twin\n"})  # the origin's copy is replaced
+        res = _cli("deploy", spec("webbad", good), "-r", d, "--state-dir", state_dir, ok=False)
+        assert res.exit_code == 6 and "sha256 mismatch" in res.output and good in res.output
+        assert [a["name"] for a in _json("apps", "--state-dir", state_dir)["apps"]] == ["webok"]
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
