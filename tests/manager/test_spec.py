@@ -214,7 +214,7 @@ def test_multi_example() -> None:
     server = next(p for p in app.processes() if p.name == "server")
     assert server == Process(
         "server", "python3", ("-m", "http.server", "0"), (("PYTHONUNBUFFERED", "1"),),
-        "tools", RestartPolicy("on-failure", 3, 0.5, 10.0), 60.0, 2.0, frozenset({0, 143}))
+        "tools", RestartPolicy("on-failure", 3, 0.5, 10.0), 60.0, 2.0, frozenset({0, 143}), "start")
     assert [p.name for p in app.processes()] == ["server", "client", "summary"]
 
 
