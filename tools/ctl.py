@@ -335,4 +335,7 @@ def exec_(selector, timeout, as_json, endpoint, state_dir, command):
 from tools import ctl_apps  # noqa: E402,F401  (registers deploy, apps, logs, stop, start, cleanup)
 
 if __name__ == "__main__":
-    main()
+    # `python -m tools.ctl`: the commands are registered on the importable module's group.
+    from tools.ctl import main as _registered
+
+    _registered()

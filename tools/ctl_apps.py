@@ -67,10 +67,13 @@ def deploy(spec, resources, no_bootstrap, no_wait, force, deploy_timeout, as_jso
     while True:
         prog = _call(ep, "progress", {"app": started["app"]}, timeout=timeout)
         text = format_progress(prog)
-        if not as_json and text != last:
+        if not as_json and text != last and not started.get("already"):
             if tty and last is not None:
-                click.echo(f"\x1b[{last.count(chr(10))}F\x1b[J", nl=False)
-            click.echo(text, nl=False)
+                click.echo(f"\x1b[{last.count(chr(10))}F\x1b[J", nl=False)  # redraw in place
+                click.echo(text, nl=False)
+            else:  # a log or a pipe: only the lines that changed
+                seen = set((last or "").splitlines())
+                click.echo("".join(line + "\n" for line in text.splitlines() if line not in seen), nl=False)
             last = text
         if prog["phase"] != "deploying" or time.monotonic() > deadline:
             break
