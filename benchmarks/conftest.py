@@ -26,6 +26,6 @@ def report_ratio():
 
 def pytest_terminal_summary(terminalreporter):
     if _REPORT:
-        terminalreporter.section("fast path: compiled twin vs pure twin (same run, medians)")
+        terminalreporter.section("ratios against a baseline from the same run (medians)")
         for line in _REPORT:
             terminalreporter.write_line(line)

@@ -196,8 +196,8 @@ def choose(
       most of the benefit of balancing while never herding (Mitzenmacher,
       "How useful is old information?", 2000), its maximum load is
       exponentially better than random placement (the power of two choices),
-      and the most loaded worker is never chosen while there are two or more
-      workers.  With two workers it is least-loaded.
+      and a worker whose score is strictly the highest is never chosen.  With
+      two workers it is least-loaded.
     * ``lottery``: draw with probability proportional to ``1 / score``, as
       TranSend's front ends did (lottery scheduling weighted by inverse queue
       length).  Also herd-free, but it keeps sending a share of the traffic
@@ -295,6 +295,8 @@ class PoolState:
         for name in ("workers", "main_free", "overflow_free", "pending", "minimum"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.maximum is not None and self.maximum < self.minimum:
+            raise ValueError(f"maximum ({self.maximum}) must be >= minimum ({self.minimum})")
 
     @property
     def total(self) -> int:

@@ -1,0 +1,1 @@
+"""Ready-to-deploy snsbus examples."""
