@@ -23,6 +23,7 @@ import signal
 import stat
 import tarfile
 import tempfile
+import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,12 +148,22 @@ class PackageCache:
 class ChunkWriter:
     """Writes one object at arbitrary offsets; state on disk survives restarts.
 
-    Data goes to ``partial/DIGEST.data``; written ranges are recorded in
-    ``partial/DIGEST.ranges`` (replaced atomically after each write), so a transfer
-    interrupted by a crash or restart resumes where it stopped. Chunks are not
-    fsynced one by one: after a power loss the ranges may claim data the disk lost,
-    which :meth:`commit`'s hash check catches (the object is then fetched again).
+    Data goes to ``partial/DIGEST.data`` through one file descriptor kept open
+    for the writer's life; written ranges are recorded in ``partial/DIGEST.ranges``
+    (replaced atomically) every ``SAVE_BYTES`` bytes or ``SAVE_SECONDS`` seconds,
+    and at :meth:`close`, so a transfer interrupted by a crash or restart resumes
+    from the last save (what was written after it is fetched again). Chunks are
+    not fsynced one by one: after a power loss the ranges may claim data the disk
+    lost, which :meth:`commit`'s hash check catches (the object is then fetched again).
+
+    Chunks written in order from offset 0 are hashed as they arrive, so
+    :meth:`commit` reads back only what came out of order (after a resume, all of it).
     """
+
+    #: Persist the written ranges after this many new bytes...
+    SAVE_BYTES = 8 << 20
+    #: ...or after this many seconds since the last save, whichever comes first.
+    SAVE_SECONDS = 1.0
 
     def __init__(self, cache: PackageCache, digest: str, size: int):
         self.cache = cache
@@ -161,6 +172,7 @@ class ChunkWriter:
         self._data = cache._partial / f"{digest}.data"
         self._meta = cache._partial / f"{digest}.ranges"
         self._ranges: list[tuple[int, int]] = []
+        self._fd = -1
         if self._meta.exists() and self._data.exists():
             try:
                 meta = json.loads(self._meta.read_text())
@@ -168,25 +180,48 @@ class ChunkWriter:
                     self._ranges = _merge([(int(a), int(b)) for a, b in meta["ranges"]])
             except (ValueError, KeyError, TypeError):
                 self._ranges = []  # unreadable bookkeeping: start over
+        if self._ranges:
+            try:
+                self._fd = os.open(self._data, os.O_RDWR | os.O_CLOEXEC)
+            except FileNotFoundError:
+                self._ranges = []
         if not self._ranges:
             # Fresh start (or a stale partial of another size): begin empty.
-            with open(self._data, "wb") as f:
-                f.truncate(size)
-            self._save()
+            self._meta.unlink(missing_ok=True)
+            self._fd = os.open(self._data, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            os.ftruncate(self._fd, size)
+        # Running hash of the prefix [0, _hashed) as written; None once a write
+        # touched that prefix again (commit then hashes the whole file).
+        self._hash = hashlib.sha256()
+        self._hashed = 0
+        self._unsaved = 0
+        self._saved_at = time.monotonic()
 
     def write(self, offset: int, data: bytes) -> None:
         """Write ``data`` at ``offset``; it must fit inside the declared size."""
-        if offset < 0 or offset + len(data) > self.size:
-            raise PackageError(
-                f"chunk [{offset}, {offset + len(data)}) outside package of {self.size} bytes"
-            )
-        if not data:
+        n = len(data)
+        if offset < 0 or offset + n > self.size:
+            raise PackageError(f"chunk [{offset}, {offset + n}) outside package of {self.size} bytes")
+        if not n:
             return
-        with open(self._data, "r+b") as f:
-            f.seek(offset)
-            f.write(data)
-        self._ranges = _merge(self._ranges + [(offset, offset + len(data))])
-        self._save()
+        fd = self._fileno()
+        done = os.pwrite(fd, data, offset)
+        if done < n:  # rare on a regular file (disk full, signal): finish or raise
+            view = memoryview(data)
+            while done < n:
+                done += os.pwrite(fd, view[done:], offset + done)
+        if self._hash is not None:
+            if offset == self._hashed:
+                self._hash.update(data)
+                self._hashed += n
+            elif offset < self._hashed:
+                # Bytes already hashed were written again (maybe differently):
+                # the running hash no longer describes the file.
+                self._hash = None
+        self._add_range(offset, offset + n)
+        self._unsaved += n
+        if self._unsaved >= self.SAVE_BYTES or time.monotonic() - self._saved_at >= self.SAVE_SECONDS:
+            self._save()
 
     def missing_ranges(self) -> list[tuple[int, int]]:
         """Half-open ``(start, end)`` byte ranges not yet written."""
@@ -205,11 +240,15 @@ class ChunkWriter:
             raise PackageError(
                 f"package {self.digest[:12]} incomplete, missing {self.missing_ranges()}"
             )
-        h = hashlib.sha256()
-        with open(self._data, "rb+") as f:
-            os.fsync(f.fileno())  # durable before it is published
-            while chunk := f.read(_COPY_CHUNK):
-                h.update(chunk)
+        fd = self._fileno()
+        os.fdatasync(fd)  # durable before it is published
+        h, pos = (self._hash.copy(), self._hashed) if self._hash is not None else (hashlib.sha256(), 0)
+        while pos < self.size:
+            chunk = os.pread(fd, min(_COPY_CHUNK, self.size - pos), pos)
+            if not chunk:
+                break  # the file shrank under us: the hash below fails
+            h.update(chunk)
+            pos += len(chunk)
         got = h.hexdigest()
         if got != self.digest:
             self.abort()
@@ -217,20 +256,65 @@ class ChunkWriter:
                 f"package hash mismatch: expected sha256 {self.digest}, got {got}; "
                 f"the data was deleted, fetch it again"
             )
+        self._close_fd()
         dst = self.cache._install(self._data, self.digest)
         self._meta.unlink(missing_ok=True)
+        self._ranges = [(0, self.size)] if self.size else []
+        self._unsaved = 0
         return dst
 
     def abort(self) -> None:
         """Forget the partial data."""
+        self._close_fd()
         self._data.unlink(missing_ok=True)
         self._meta.unlink(missing_ok=True)
         self._ranges = []
+        self._unsaved = 0
+        self._hash, self._hashed = hashlib.sha256(), 0
+
+    def close(self) -> None:
+        """Persist the written ranges and release the file (a later write reopens it)."""
+        if self._unsaved:
+            self._save()
+        self._close_fd()
+
+    def __del__(self):
+        # A writer dropped without close() still leaves resumable bookkeeping.
+        try:
+            self.close()
+        except (OSError, AttributeError, TypeError):
+            pass  # interpreter shutdown or a half-built writer: nothing to save
+
+    def _fileno(self) -> int:
+        if self._fd < 0:
+            self._fd = os.open(self._data, os.O_RDWR | os.O_CLOEXEC)
+        return self._fd
+
+    def _close_fd(self) -> None:
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def _add_range(self, start: int, end: int) -> None:
+        r = self._ranges
+        # Chunks almost always extend the last range or follow it: no re-sort then.
+        if r and r[-1][0] <= start <= r[-1][1]:
+            if end > r[-1][1]:
+                r[-1] = (r[-1][0], end)
+        elif not r or start > r[-1][1]:
+            r.append((start, end))
+        else:
+            r.append((start, end))
+            self._ranges = _merge(r)
 
     def _save(self) -> None:
+        if not self._data.exists():
+            return  # committed or aborted meanwhile: nothing to resume
         tmp = self._meta.with_suffix(".ranges.tmp")
         tmp.write_text(json.dumps({"size": self.size, "ranges": self._ranges}))
         os.replace(tmp, self._meta)
+        self._unsaved = 0
+        self._saved_at = time.monotonic()
 
 
 def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
