@@ -147,7 +147,7 @@ class ChunkService:
 
     def __init__(self, factory: SocketFactory, loop: PlaneLoop, cache: PackageCache, *,
                  chunk_size: int = 256 * 1024, window: int = 8, request_timeout: float = 2.0,
-                 serve_timeout: float = 30.0, open_files: int = 64):  # fmt: skip
+                 serve_timeout: float = 30.0, open_files: int = 64, root: bool = True):  # fmt: skip
         if not _is_int(chunk_size) or not 1 <= chunk_size <= MAX_CHUNK:
             raise ValueError(f"chunk_size must be in [1, {MAX_CHUNK}], got {chunk_size!r}")
         if not _is_int(window) or window < 1:
@@ -167,6 +167,9 @@ class ChunkService:
         self._codec = p.new_codec()
         self._link = None
         self._upstream: str | None = None
+        # Without an upstream the root has nothing more to ask; a node between
+        # parents parks its children's requests until its next parent arrives.
+        self._root = root
         self._dealer = None
         self._transfers: dict[str, _Transfer] = {}
         self._requests: dict[int, _Request] = {}  # msg_id -> request in flight (all transfers)
@@ -529,7 +532,7 @@ class ChunkService:
         if entry is not None:
             self._serve_chunk(identity, h.msg_id, digest, offset, length, entry)
             return
-        if self._upstream is None and digest not in self._transfers:
+        if self._upstream is None and self._root and digest not in self._transfers:
             self._c["requests_missing"] += 1
             self._send_error(identity, h.msg_id, digest, offset, ERR_MISSING,
                              f"no node up the tree has package {digest[:12]}")  # fmt: skip

@@ -73,7 +73,7 @@ class AppHost:
             from bus.transfer import ChunkService
             from nodes.packages import PackageCache
 
-            self._chunks = ChunkService(self._factory, self._loop, PackageCache(self.base / "cache"))
+            self._chunks = ChunkService(self._factory, self._loop, PackageCache(self.base / "cache"), root=False)
             self._chunks.serve(self._link)
             self._chunks.set_upstream(self._upstream)
         return self._chunks

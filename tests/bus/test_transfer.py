@@ -31,9 +31,9 @@ def sha(data: bytes) -> str:
 class Node:
     """One logical node: a NodeLink (its data ROUTER serves children), a cache and a ChunkService."""
 
-    def __init__(self, factory, pl: PlaneLoop, root, name: str, cache_dir: str | None = None, **kw):
+    def __init__(self, factory, pl: PlaneLoop, base, name: str, cache_dir: str | None = None, **kw):
         self.name = name
-        self.cache = PackageCache(root / (cache_dir or name))
+        self.cache = PackageCache(base / (cache_dir or name))
         self.link = NodeLink(factory, pl, control_bind=LOOPBACK, data_bind=LOOPBACK)
         self.link.open()
         self.svc = ChunkService(factory, pl, self.cache, **kw)
@@ -561,3 +561,25 @@ def test_writer_out_of_order_and_reopened(tmp_path):
     assert w2.missing_ranges() == [(3000, 6000)]
     w2.write(3000, data[3000:6000])
     assert w2.commit().read_bytes() == data
+
+
+def test_node_between_parents_parks_requests_until_its_next_parent(factory, tmp_path, arun):
+    """A non-root node with no upstream (orphaned, rejoining) holds its children's requests."""
+    data = os.urandom(MB + 7)
+    digest = sha(data)
+
+    async def main():
+        async with network(factory, tmp_path) as make:
+            root = make("root")
+            root.cache.put(data)
+            orphan = make("orphan", root=False)  # no upstream yet: between parents
+            child = make("child", upstream=orphan)
+            fetch = asyncio.ensure_future(child.svc.fetch(digest, len(data), timeout=20))
+            await asyncio.sleep(0.3)
+            assert not fetch.done() and orphan.stats()["requests_parked"] >= 1
+            assert orphan.stats()["requests_missing"] == 0
+            orphan.svc.set_upstream(root.endpoint)  # rejoined
+            assert (await fetch).read_bytes() == data
+            assert root.stats()["bytes_served"] == len(data)
+
+    arun(main(), timeout=60)
