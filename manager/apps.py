@@ -95,6 +95,9 @@ class AppController:
     def resume(self) -> None:
         """Continue deploys a previous manager left in flight (every step is idempotent)."""
         for rec in self.records.values():
+            if rec["phase"] in (RUNNING, COMPLETED):
+                self._register_services(rec, parse(rec["spec"], rec["spec_file"]),
+                                        parse_directory(rec["resources"], rec["resources_file"]))
             if rec["phase"] == DEPLOYING:
                 self._event(rec, "manager restarted: resuming the deploy")
                 rec["resumed"] = True
@@ -226,6 +229,14 @@ class AppController:
                 return
             await asyncio.sleep(0.1)
 
+    def _register_services(self, rec: dict, app, resources) -> None:
+        services = getattr(self.mgr, "services", None)
+        if services is None or not app.services:
+            return
+        overflow = plan.overflow_pool(app, resources)
+        for svc in app.services:
+            services.register(rec["name"], svc, rec["assignment"], overflow)
+
     # -- the other commands ------------------------------------------------------------
     def get(self, name) -> dict:
         rec = self.records.get(name) if isinstance(name, str) else None
@@ -305,6 +316,10 @@ class AppController:
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+        services = getattr(self.mgr, "services", None)
+        if services is not None:
+            for svc in services.unregister(name):
+                await self._ask(None, "svc.stop", {"svc": svc}, timeout)
         out = await self._everywhere(rec, "app.cleanup", timeout, everyone=True)
         if not out["failed"] and not out["missing"]:
             self.records.pop(name, None)
@@ -380,7 +395,24 @@ class _Context:
     async def run(self) -> None:
         comps = [c for c in self.app.components if c.software]
         await asyncio.gather(*(self._install(c) for c in comps))
+        if self.app.services:
+            await self._services()
         await asyncio.gather(*(self._component_block(cb) for cb in self.app.blocks))
+
+    async def _services(self) -> None:
+        """Start the TACC services: their minimum workers and caches, before any process block runs."""
+        key = "services"
+        self.ctl._register_services(self.rec, self.app, self.resources)
+        self._set(key, "running")
+        for svc in self.app.services:
+            if not await self.ctl.mgr.services.wait_ready(svc.name, 60.0):
+                self.fail(f"service {svc.name!r}: its minimum workers did not start within 60s; "
+                          f"see `bus-ctl services` for why")
+                raise _Failed
+        ph = self.rec["phases"][key]
+        ph["done"] = sorted(plan.used_nodes({c.component: self.rec["assignment"].get(c.component, [])
+                                             for s in self.app.services for c in (*s.workers, *s.caches)}))
+        self._set(key, "done")
 
     # -- phases ----------------------------------------------------------------------------
     async def _install(self, comp) -> None:

@@ -204,6 +204,14 @@ async def cmd_cleanup(mgr, args: dict) -> dict:
     return await _app_call(_apps(mgr).cleanup(name, _timeout(args, 30.0)))
 
 
+@command
+async def cmd_services(mgr, args: dict) -> dict:
+    """``services`` -> {services: [{name, app, classes: [{worker, min, max, high_water, pending, decision}],
+    instances: [{id, w, node, cache, overflow, q, busy, smoothed, cost, heard, done, failed, crashes, ...}]}],
+    events: [{t, kind, svc, detail}], counters, subscribers}: the TACC load table and spawn/reap history."""
+    return mgr.services.status()
+
+
 async def _sync(fn, *a):
     return fn(*a)
 

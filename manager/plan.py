@@ -22,11 +22,25 @@ def assign(app: Application, resources: Sequence[Resource], live: Collection[str
     """
     taken: set[str] = set()
     out: dict[str, list[str]] = {}
+    resources = [r for r in resources if not is_overflow(r)]  # borrowed only by the spawner, in a burst
     for comp in app.components:
         picked = match(comp, resources, live, taken)
         out[comp.name] = [r.name for r in picked]
         taken.update(out[comp.name])
     return out
+
+
+def is_overflow(resource: Resource) -> bool:
+    """Marked ``<attr name="overflow" value="true"/>`` in the directory (SNS's overflow pool)."""
+    return (resource.attr("overflow") or "").lower() in ("true", "yes", "1")
+
+
+def overflow_pool(app: Application, resources: Sequence[Resource]) -> dict[str, list[str]]:
+    """{component: [overflow nodes matching it]}: where a service may spawn once its main pool is full."""
+    from manager.resources import _component_matches
+
+    return {c.name: [r.name for r in resources if is_overflow(r) and _component_matches(c, r)]
+            for c in app.components}
 
 
 def spare_for(component: Component, resources: Sequence[Resource], live: Collection[str],
@@ -97,6 +111,8 @@ def block_key(cb: ComponentBlock, block: ProcessBlock | BarrierBlock | None = No
 def phase_keys(app: Application) -> dict[str, str]:
     """{phase: component} in the order a deploy shows them: install per component, then every block."""
     keys = {f"install/{c.name}": c.name for c in app.components if c.software}
+    if app.services:
+        keys["services"] = app.services[0].workers[0].component if app.services[0].workers else ""
     for cb in app.blocks:
         keys.update((block_key(cb, b), cb.component) for b in cb.blocks)
     return keys

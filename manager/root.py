@@ -34,6 +34,7 @@ class RootNode(TreeNode):
         self._frontier: dict | None = None  # id -> (depth, children) of the shallowest members with room
         self._controls: dict = {}
         self._open_at = 0.0
+        self.on_load_report = None  # manager.services.ServiceManager.on_report
 
     @property
     def is_root(self) -> bool:
@@ -102,6 +103,9 @@ class RootNode(TreeNode):
             if self.routes.lookup(body["id"]) >= 0:
                 self.membership.registered(body)
                 self.unicast(body["id"], p.MsgType.REGISTER_ACK, {"ep": self.epoch})
+        elif t == p.MsgType.LOAD_REPORT:
+            if self.on_load_report is not None:
+                self.on_load_report(body)
         elif t == p.MsgType.REPLY:
             fut = self._unicast.pop(msg.header.ref, None)
             if fut is not None and not fut.done():
@@ -147,6 +151,14 @@ class RootNode(TreeNode):
             return await asyncio.wait_for(fut, timeout)
         finally:
             self._unicast.pop(op_id, None)
+
+    async def ask(self, node: int | str, op: str, args: dict, *, timeout: float = 10.0):
+        """:meth:`request`, returning the node's value itself (``{"error"}`` if it answered nothing)."""
+        body = await self.request(node, op, args, timeout=timeout)
+        groups = body.get("g") if isinstance(body, dict) else None
+        if not groups:
+            return {"error": "the node answered without a value"}
+        return groups[0][1]
 
     def outcome(self, result: OpResult, expected: set[int]) -> Outcome:
         """Name every expected node: in a group, or missing with a reason."""

@@ -53,6 +53,7 @@ class Manager:
         self._tasks: set[asyncio.Task] = set()
         self.apps = None  # manager.apps.AppController, with a state directory
         self.chunks = None  # bus.transfer.ChunkService: serves packages to the root's children
+        self.services = None  # manager.services.ServiceManager: TACC load balancing and spawning
 
     @property
     def membership(self):
@@ -73,6 +74,11 @@ class Manager:
         self.link.on_child = self._on_control
         self.link.heard_child = self.root.heard_child
         self._started = self.clock()
+        from manager.services import ServiceManager
+
+        self.services = ServiceManager(self)
+        self.root.on_load_report = self.services.on_report
+        self.services.start()
         if self.state_dir is not None:
             from bus.transfer import ChunkService
             from manager.apps import AppController
@@ -113,7 +119,12 @@ class Manager:
 
     async def _serve_ctl(self, identity: bytes, msg: p.Message) -> None:
         try:
-            reply = await commands.dispatch(self, msg.body)
+            body = msg.body if isinstance(msg.body, dict) else {}
+            if body.get("cmd") == "svc_subscribe":  # needs the peer's identity: beacons are pushed to it
+                args = body.get("args") if isinstance(body.get("args"), dict) else {}
+                reply = {"ok": True, "result": self.services.subscribe(identity, str(args.get("svc", "")))}
+            else:
+                reply = await commands.dispatch(self, msg.body)
         except Exception as e:  # a handler bug answers the client instead of killing the manager
             log.exception("control command failed")
             reply = {"ok": False, "code": commands.FAILED, "error": f"internal error: {type(e).__name__}: {e}"}
@@ -149,6 +160,8 @@ class Manager:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.apps is not None:
             await self.apps.close()
+        if self.services is not None:
+            await self.services.close()
         if self.chunks is not None:
             self.chunks.close()
         if self.root is not None:

@@ -217,6 +217,37 @@ class ComponentBlock:
 
 
 @dataclass(frozen=True)
+class ServiceWorker:
+    """A TACC worker class: the manager keeps between ``min`` and ``max`` instances by load."""
+
+    name: str
+    callable: str  # "module:function"
+    component: str  # the hosts its instances may run on (overflow ones only when the rest is full)
+    kind: Literal["transformation", "aggregation"] = "transformation"
+    min: int = 1
+    max: int | None = None
+    high_water: float = 4.0  # H: smoothed queue per worker above which one more is spawned
+    delay: float = 1.0  # D: seconds after a spawn before the next decision
+    idle_after: float = 30.0
+    calm_for: float = 10.0
+
+
+@dataclass(frozen=True)
+class ServiceCache:
+    component: str
+    instances: int = 1
+    max_bytes: int = 64 << 20
+
+
+@dataclass(frozen=True)
+class Service:
+    name: str
+    workers: tuple[ServiceWorker, ...] = ()
+    caches: tuple[ServiceCache, ...] = ()
+    slots: int = 2  # worker processes per node
+
+
+@dataclass(frozen=True)
 class Application:
     name: str
     software: tuple[Software, ...]
@@ -224,6 +255,7 @@ class Application:
     blocks: tuple[ComponentBlock, ...]
     barriers: tuple[Barrier, ...] = ()
     source: str = "<spec>"
+    services: tuple[Service, ...] = ()
 
     def software_named(self, name: str) -> Software:
         return next(s for s in self.software if s.name == name)
@@ -440,10 +472,36 @@ class _Builder:
         if not cblocks and project.findall("experiment"):
             self.at(project.find("experiment"),
                     "<experiment> needs at least one <component_block> (what to run where)")
+        services = tuple(self.service(s, comp_names) for s in project.findall("service"))
+        self.unique(project.findall("service"), "service")
         if self.doc.problems:
             return None
         return Application(project.get("name"), software, components, blocks, barriers,
-                           self.doc.filename)
+                           self.doc.filename, services)
+
+    def service(self, el: etree._Element, comp_names: set[str]) -> Service:
+        workers, caches = [], []
+        self.unique(el.findall("worker"), "worker")
+        for w in el.findall("worker"):
+            if w.get("component") not in comp_names:
+                self.at(w, f"<worker name={w.get('name')!r}> runs on unknown component {w.get('component')!r}; "
+                           f"known: {_known(comp_names)}")
+            lo = int(w.get("min", 1))
+            hi = int(w.get("max")) if w.get("max") else None
+            if hi is not None and hi < lo:
+                self.at(w, f"<worker name={w.get('name')!r}>: max ({hi}) is below min ({lo})")
+            workers.append(ServiceWorker(
+                w.get("name"), w.get("callable"), w.get("component"), w.get("kind", "transformation"), lo, hi,
+                float(w.get("high_water", 4.0)), float(w.get("delay", 1.0)), float(w.get("idle_after", 30.0)),
+                float(w.get("calm_for", 10.0))))
+        for c in el.findall("cache"):
+            if c.get("component") not in comp_names:
+                self.at(c, f"<cache> runs on unknown component {c.get('component')!r}; known: {_known(comp_names)}")
+            caches.append(ServiceCache(c.get("component"), int(c.get("instances", 1)),
+                                       int(c.get("max_bytes", 64 << 20))))
+        if not workers:
+            self.at(el, f"<service name={el.get('name')!r}> needs at least one <worker>")
+        return Service(el.get("name"), tuple(workers), tuple(caches), int(el.get("slots", 2)))
 
     def software(self, el: etree._Element) -> Software | None:
         pkgs = []
