@@ -7,7 +7,7 @@ VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 PYTEST  := $(VPY) -m pytest
 
-.PHONY: all install build test test-pure demo bench clean
+.PHONY: all install build test test-pure test-deps demo bench clean
 
 all: test
 
@@ -30,11 +30,15 @@ core/_fastpath.stamp: $(STAMP) $(wildcard core/*.pyx core/*.pxd core/*.pxi)
 
 build: core/_fastpath.stamp
 
-test: build
+# Debian packages the tests need (a real sshd for the ssh bootstrap, ...); quick when present.
+test-deps:
+	bash scripts/test-deps.sh
+
+test: build test-deps
 	$(PYTEST) -q -m "not slow"
 	BUS_NO_EXTENSIONS=1 $(PYTEST) -q -m "not slow" tests/core tests/bus/test_protocol.py
 
-test-pure: build
+test-pure: build test-deps
 	BUS_NO_EXTENSIONS=1 $(PYTEST) -q -m "not slow"
 
 demo: build

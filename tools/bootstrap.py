@@ -35,6 +35,7 @@ relevant stderr or log.
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import hashlib
 import importlib.util
@@ -53,7 +54,6 @@ import threading
 import time
 import tomllib
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -107,13 +107,14 @@ class BootstrapError(BusError, RuntimeError):
         super().__init__(text)
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class BootstrapResult:
     """What :func:`bootstrap` did on one host.
 
     ``state`` is ``started`` (a new bus-node), ``running`` (one of that name
-    was already running from the current install: left alone) or
-    ``restarted`` (one ran from an older install: stopped, started anew).
+    was already running from the current install with the same arguments:
+    left alone) or ``restarted`` (one ran from an older install or with other
+    arguments: stopped, started anew).  ``installed``: this call installed.
     """
 
     name: str
@@ -131,7 +132,7 @@ class BootstrapResult:
         return self.state != "running"
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class StopResult:
     """What :func:`stop_remote` did: ``how`` is ``terminated``, ``killed`` or ``not running``."""
 
@@ -396,7 +397,7 @@ def terminate(pid, grace):
     return "killed"
 
 def current(d):
-    """The realpath of d/venv and whether its digest is `digest`."""
+    """The realpath of d/venv and its digest ("" when it has no usable bus-node)."""
     venv = os.path.realpath(os.path.join(d, "venv"))
     try:
         with open(os.path.join(venv, ".snsbus-digest")) as f:
@@ -406,7 +407,7 @@ def current(d):
     ok = os.access(os.path.join(venv, "bin", "bus-node"), os.X_OK)
     return venv, (stamp if ok else "")
 
-def start(d, name, settle, args):
+def start(d, name, settle, args, **extra):
     for sub in ("logs", "run"):
         os.makedirs(os.path.join(d, sub), exist_ok=True)
     pidfile = os.path.join(d, "run", name + ".pid")
@@ -419,7 +420,7 @@ def start(d, name, settle, args):
     if pid:
         want = [exe.encode()] + [a.encode() for a in args]
         if not argv or argv[-len(want):] == want:
-            say(ok=True, state="running", pid=pid, log=logpath)
+            say(ok=True, state="running", pid=pid, log=logpath, **extra)
             return
         terminate(pid, 5.0)  # it runs from an older install, or with other arguments
         state = "restarted"
@@ -445,7 +446,7 @@ def start(d, name, settle, args):
                 p.returncode, logpath), log_tail(logpath))
         time.sleep(0.05)
     lock.close()
-    say(ok=True, state=state, pid=p.pid, log=logpath)
+    say(ok=True, state=state, pid=p.pid, log=logpath, **extra)
 
 def run(argv):
     r = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -466,8 +467,14 @@ def prune(d, keep):
                 shutil.rmtree(path, ignore_errors=True)
 
 def install(d, digest):
+    """Install the wheelhouse arriving on stdin; False if a concurrent call already did."""
     os.makedirs(d, exist_ok=True)
     lock = locked(os.path.join(d, ".install.lock"))
+    if current(d)[1] == digest:
+        with open(os.devnull, "wb") as sink:
+            shutil.copyfileobj(sys.stdin.buffer, sink)
+        lock.close()
+        return False
     # A new directory each time: a running bus-node keeps the files it started from.
     venv = os.path.join(d, "venv-%s-%d-%d" % (digest[:16], time.time(), os.getpid()))
     wheels = os.path.join(d, "wheels.tmp-%d" % os.getpid())
@@ -509,6 +516,7 @@ def install(d, digest):
     finally:
         shutil.rmtree(wheels, ignore_errors=True)
     lock.close()
+    return True
 
 def main():
     action, d, digest, name, number = sys.argv[1:6]
@@ -522,8 +530,8 @@ def main():
             return
         start(d, name, float(number), args)
     elif action == "install":
-        install(d, digest)
-        start(d, name, float(number), args)
+        installed = install(d, digest)
+        start(d, name, float(number), args, installed=installed)
         prune(d, os.path.realpath(os.path.join(d, "venv")))
     elif action == "stop":
         pidfile = os.path.join(d, "run", name + ".pid")
@@ -661,7 +669,8 @@ def _node_args(resource, join: str, extra_args: Sequence[str]) -> list[str]:
     for key, value in resource.attrs:
         args += ["--attr", f"{key}={value}"]
     join_host = join.removeprefix("tcp://").rsplit(":", 1)[0]
-    if join_host not in _LOOPBACK and "--advertise" not in extra_args:
+    advertised = any(a == "--advertise" or str(a).startswith("--advertise=") for a in extra_args)
+    if join_host not in _LOOPBACK and not advertised:
         # Reached over ssh at this address, so the tree can reach it there too
         # (bus-node's own default, the host name, may not resolve elsewhere).
         args += ["--advertise", resource.address]
@@ -680,14 +689,14 @@ def _check_target(target: _Target, payload: _Payload, probe: dict) -> None:
             f"install that Python there or build the wheelhouse on a matching machine", "incompatible")
 
 
-def _bootstrap(resource, join: str, payload: _Payload, *, identity_file, known_hosts, remote_dir: str,
-               timeout: float, connect_timeout: float, extra_args, start_check: float) -> BootstrapResult:
+def _bootstrap(resource, join: str, payload: _Payload, *, identity_file=None, known_hosts=None,
+               remote_dir: str = DEFAULT_REMOTE_DIR, timeout: float = 120.0, connect_timeout: float = 10.0,
+               extra_args: Sequence[str] = (), start_check: float = 1.0) -> BootstrapResult:
     t0 = time.monotonic()
     deadline = t0 + timeout
     target = _Target(resource, identity_file=identity_file, known_hosts=known_hosts,
                      connect_timeout=min(connect_timeout, timeout))
-    args = _node_args(resource, join, extra_args)
-    common = dict(digest=payload.digest, number=start_check, args=args)
+    common = dict(digest=payload.digest, number=start_check, args=_node_args(resource, join, extra_args))
     reply = target.call("probe", remote_dir, **common, timeout=deadline - time.monotonic(),
                         doing="checking the install")
     installed = False
@@ -697,7 +706,7 @@ def _bootstrap(resource, join: str, payload: _Payload, *, identity_file, known_h
         with open(payload.tar(), "rb") as tar:
             reply = target.call("install", remote_dir, **common, stdin=tar, timeout=deadline - time.monotonic(),
                                 doing="installing bus-node")
-        installed = True
+        installed = bool(reply.get("installed", True))  # False: a concurrent call installed it first
     log.info("%s: bus-node %s, pid %s", target.label, reply["state"], reply["pid"])
     return BootstrapResult(name=resource.name, host=target.host, pid=int(reply["pid"]), state=reply["state"],
                            installed=installed, log=reply["log"], remote_dir=remote_dir,
@@ -728,8 +737,8 @@ def bootstrap(
     ssh's own configuration decides.  ``start_check`` is how long the remote
     side watches a new bus-node for an early exit.  ``timeout`` bounds the
     whole call.  Idempotent: a live bus-node of that name running from the
-    current install is left alone (``state == "running"``).  Raises
-    :class:`BootstrapError`.
+    current install with the same arguments is left alone (``state ==
+    "running"``).  Raises :class:`BootstrapError`.
     """
     payload = _Payload(wheelhouse)
     try:
@@ -740,43 +749,36 @@ def bootstrap(
         payload.close()
 
 
-def bootstrap_all(
-    resources: Iterable,
-    join: str,
-    *,
-    wheelhouse: Path,
-    max_workers: int = 16,
-    **kwargs,
-) -> dict[str, BootstrapResult | BootstrapError]:
-    """:func:`bootstrap` every resource in parallel; ``{name: result or error}`` in input order.
-
-    Takes the keyword arguments of :func:`bootstrap`.  The wheelhouse is
-    hashed and packed once for all hosts.  Never raises for one host's
-    failure: its entry is the :class:`BootstrapError`.
-    """
-    resources = list(resources)
-    payload = _Payload(wheelhouse)
-    kwargs.setdefault("remote_dir", DEFAULT_REMOTE_DIR)
-    kwargs.setdefault("timeout", 120.0)
-    kwargs.setdefault("connect_timeout", 10.0)
-    kwargs.setdefault("extra_args", ())
-    kwargs.setdefault("start_check", 1.0)
-    kwargs.setdefault("identity_file", None)
-    kwargs.setdefault("known_hosts", None)
+def _each(fn, resources: list, max_workers: int) -> dict:
+    """``fn`` on every resource in a thread pool: ``{name: result or BootstrapError}``, in input order."""
+    names = [r.name for r in resources]
+    if len(set(names)) != len(names):
+        raise BootstrapError(f"resource names must be unique: {', '.join(sorted(names))}", reason="usage")
 
     def one(resource):
         try:
-            return _bootstrap(resource, join, payload, **kwargs)
+            return fn(resource)
         except BootstrapError as e:
             return e
 
+    with ThreadPoolExecutor(max_workers=max(1, min(max_workers, len(resources) or 1)),
+                            thread_name_prefix="bootstrap") as pool:
+        return dict(zip(names, pool.map(one, resources)))
+
+
+def bootstrap_all(resources: Iterable, join: str, *, wheelhouse: Path, max_workers: int = 16,
+                  **kwargs) -> dict[str, BootstrapResult | BootstrapError]:
+    """:func:`bootstrap` every resource in parallel; ``{name: result or error}`` in input order.
+
+    Takes the keyword arguments of :func:`bootstrap`.  The wheelhouse is
+    hashed and packed once for all hosts.  One host's failure does not
+    raise: its entry is the :class:`BootstrapError`.
+    """
+    payload = _Payload(wheelhouse)
     try:
-        with ThreadPoolExecutor(max_workers=max(1, min(max_workers, len(resources) or 1)),
-                                thread_name_prefix="bootstrap") as pool:
-            results = list(pool.map(one, resources))
+        return _each(lambda r: _bootstrap(r, join, payload, **kwargs), list(resources), max_workers)
     finally:
         payload.close()
-    return {r.name: res for r, res in zip(resources, results)}
 
 
 def stop_remote(
@@ -796,7 +798,7 @@ def stop_remote(
     that is not running is not an error (``how == "not running"``).
     """
     if name is not None and name != resource.name:
-        resource = _renamed(resource, name)
+        resource = dataclasses.replace(resource, name=name)
     target = _Target(resource, identity_file=identity_file, known_hosts=known_hosts,
                      connect_timeout=min(connect_timeout, timeout))
     reply = target.call("stop", remote_dir, number=grace, timeout=timeout, doing="stopping bus-node")
@@ -805,22 +807,5 @@ def stop_remote(
 
 
 def stop_all(resources: Iterable, *, max_workers: int = 16, **kwargs) -> dict[str, StopResult | BootstrapError]:
-    """:func:`stop_remote` every resource in parallel; ``{name: result or error}``."""
-    resources = list(resources)
-
-    def one(resource):
-        try:
-            return stop_remote(resource, **kwargs)
-        except BootstrapError as e:
-            return e
-
-    with ThreadPoolExecutor(max_workers=max(1, min(max_workers, len(resources) or 1)),
-                            thread_name_prefix="bootstrap-stop") as pool:
-        results = list(pool.map(one, resources))
-    return {r.name: res for r, res in zip(resources, results)}
-
-
-def _renamed(resource, name: str):
-    from dataclasses import replace
-
-    return replace(resource, name=name)
+    """:func:`stop_remote` every resource in parallel; ``{name: result or error}`` in input order."""
+    return _each(lambda r: stop_remote(r, **kwargs), list(resources), max_workers)

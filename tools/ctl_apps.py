@@ -33,12 +33,16 @@ def _read(path: str, what: str) -> str:
               help="Resource directory XML (which machines exist).")
 @click.option("--no-bootstrap", is_flag=True,
               help="Do not start bus-nodes for resources that are not in the tree yet.")
+@click.option("--identity", "-i", default=None, type=click.Path(dir_okay=False),
+              help="ssh private key for the ssh resources (default: ssh's own).")
+@click.option("--known-hosts", default=None, type=click.Path(dir_okay=False),
+              help="known_hosts file for the ssh resources (checked strictly when given).")
 @click.option("--no-wait", is_flag=True, help="Return once the manager accepted the deploy.")
 @click.option("--force", is_flag=True, help="Deploy again even if the same spec is deployed.")
 @click.option("--deploy-timeout", type=float, default=600.0, show_default=True,
               help="Seconds the whole deploy may take.")
 @_manager_options
-def deploy(spec, resources, no_bootstrap, no_wait, force, deploy_timeout, as_json, state_dir, endpoint, timeout):
+def deploy(spec, resources, no_bootstrap, identity, known_hosts, no_wait, force, deploy_timeout, as_json, state_dir, endpoint, timeout):
     """Deploy the application SPEC (Plush XML) onto the machines of --resources.
 
     Shows a progress bar per phase (install per component, then every block)
@@ -47,7 +51,7 @@ def deploy(spec, resources, no_bootstrap, no_wait, force, deploy_timeout, as_jso
     spec_text, res_text = _read(spec, "spec"), _read(resources, "resource directory")
     ep = _endpoint(endpoint, state_dir)
     if not no_bootstrap:
-        _bootstrap(ep, res_text, resources, state_dir, quiet=as_json)
+        _bootstrap(ep, res_text, resources, state_dir, quiet=as_json, identity=identity, known_hosts=known_hosts)
     args = {"spec": spec_text, "spec_file": os.path.abspath(spec), "resources": res_text,
             "resources_file": os.path.abspath(resources), "cwd": os.getcwd(), "force": force,
             "timeout": deploy_timeout}
@@ -86,7 +90,8 @@ def deploy(spec, resources, no_bootstrap, no_wait, force, deploy_timeout, as_jso
         click.get_current_context().exit(EXIT_NODES_FAILED)
 
 
-def _bootstrap(ep: str, res_text: str, res_file: str, state_dir, quiet: bool) -> None:
+def _bootstrap(ep: str, res_text: str, res_file: str, state_dir, quiet: bool, identity=None,
+               known_hosts=None) -> None:
     """Start a bus-node for every resource of the directory that is not in the tree yet."""
     from manager.resources import DirectoryError, parse_directory
 
@@ -108,12 +113,16 @@ def _bootstrap(ep: str, res_text: str, res_file: str, state_dir, quiet: bool) ->
         except cluster.ClusterError as e:
             raise ClusterCliError(f"cannot start a local bus-node for resource {r.name}: {e}") from e
     if remote:
-        from tools.bootstrap import BootstrapError, bootstrap_all, wheelhouse_for
+        from tools.bootstrap import BootstrapError, bootstrap_all, build_wheelhouse
 
-        results = bootstrap_all(remote, ep, wheelhouse=wheelhouse_for())
-        errors = [res for res in results if isinstance(res, BootstrapError)]
+        try:
+            wheelhouse = build_wheelhouse()
+        except BootstrapError as e:
+            raise ClusterCliError(str(e)) from e
+        results = bootstrap_all(remote, ep, wheelhouse=wheelhouse, identity_file=identity, known_hosts=known_hosts)
+        errors = [res for res in results.values() if isinstance(res, BootstrapError)]
         if errors:
-            raise ClusterCliError("; ".join(str(e) for e in errors))
+            raise ClusterCliError("; ".join(str(e).splitlines()[0] for e in errors))
     if not quiet:
         click.echo(f"started bus-node for {', '.join(r.name for r in missing)}; waiting for them to join")
     names = {r.name for r in missing}
