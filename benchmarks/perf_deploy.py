@@ -83,6 +83,8 @@ def run(mode: str, args, work: Path, pkg: Path) -> tuple[float, int, str]:
         return elapsed, uploaded, prog["phase"] + (f" ({prog['error']})" if prog.get("error") else "")
     finally:
         cluster.down(sdir, grace=2.0)
+        if args.keep_logs:
+            print(f"    logs kept in {sdir / 'logs'}")
 
 
 def main() -> int:
@@ -91,8 +93,13 @@ def main() -> int:
     ap.add_argument("--procs", type=int, default=10)
     ap.add_argument("--mb", type=int, default=10)
     ap.add_argument("--fanout", type=int, default=4)
+    ap.add_argument("--keep-logs", action="store_true", help="keep the state directories (logs) for a look")
+    ap.add_argument("--only", choices=("tree", "star"), default=None)
     args = ap.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="snsbus-deploy-bench-"))
+    # On tmpfs when there is one: 100 logical nodes share this machine's one disk, where a real
+    # deploy has a disk per machine; the figure is the system's, not this disk's fsync queue.
+    shm = "/dev/shm" if os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK) else None
+    work = Path(tempfile.mkdtemp(prefix="snsbus-deploy-bench-", dir=shm))
     ok = True
     try:
         pkg = work / "payload.tar"
@@ -100,12 +107,14 @@ def main() -> int:
         print(f"deploy of a {size / 1e6:.1f} MB package + 1 process + a barrier on {args.nodes} nodes "
               f"({args.procs} processes), tree fanout {args.fanout} vs star:")
         results = {}
-        for mode in ("tree", "star"):
+        for mode in ([args.only] if args.only else ("tree", "star")):
             elapsed, uploaded, phase = run(mode, args, work, pkg)
             results[mode] = (elapsed, uploaded)
             print(f"  {mode:<5} {elapsed:6.2f} s   controller uploaded {uploaded / 1e6:8.1f} MB "
                   f"({uploaded / size:5.1f} x package)   {phase}", flush=True)
             ok &= phase == "completed"
+        if len(results) < 2:
+            return 0 if ok else 1
         t_ok = results["tree"][0] <= 5.0
         up_ok = results["tree"][1] <= args.fanout * size
         print(f"  target: tree time <= 5 s: {'PASS' if t_ok else 'FAIL'} ({results['tree'][0]:.2f} s)")
@@ -114,7 +123,8 @@ def main() -> int:
               f"{results['star'][1] / 1e6:.1f} MB)")
         ok &= t_ok and up_ok
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if not args.keep_logs:
+            shutil.rmtree(work, ignore_errors=True)
     return 0 if ok else 1
 
 

@@ -310,12 +310,14 @@ class PlaneLoop:
     Scheduling: each wakeup first drains the ready control sockets until
     EAGAIN (up to ``control_rounds`` batches of ``control_batch``), then serves
     up to ``data_rounds`` data batches of ``data_batch`` messages round-robin,
-    checking the control sockets again after every data batch, then yields to
-    the event loop if anything is still readable.
+    checking the control sockets again after every data batch, and at most for
+    ``data_slice`` seconds of wall time, then yields to the event loop if
+    anything is still readable.
     """
 
     def __init__(self, *, control_batch: int = 256, data_batch: int = 128, control_rounds: int = 64,
-                 data_rounds: int = 8, pending_limit: int = 64, retry_interval: float = 0.05,
+                 data_rounds: int = 8, data_slice: float = 0.01, pending_limit: int = 64,
+                 retry_interval: float = 0.05,
                  log_interval: float = 10.0, clock: Callable[[], float] = time.monotonic, codec=None):  # fmt: skip
         _positive(control_batch=control_batch, data_batch=data_batch, control_rounds=control_rounds,
                   data_rounds=data_rounds, pending_limit=pending_limit)  # fmt: skip
@@ -324,6 +326,9 @@ class PlaneLoop:
         self._batch = {Plane.CONTROL: int(control_batch), Plane.DATA: int(data_batch)}
         self._control_rounds = int(control_rounds)
         self._data_rounds = int(data_rounds)
+        # Wall-clock cap of one turn's data work: bulk traffic (package chunks)
+        # must not hold back timers such as heartbeats on a busy machine.
+        self._data_slice = float(data_slice)
         self._pending_limit = int(pending_limit)
         self._retry_interval = float(retry_interval)
         self._codec = codec if codec is not None else protocol.new_codec()
@@ -510,7 +515,10 @@ class PlaneLoop:
         ctl_ready = self._ctl_ready
         sel = self._ctl_sel
         rounds = self._data_rounds
+        end = time.perf_counter() + self._data_slice
         while ready and rounds > 0 and self._loop is not None:
+            if rounds < self._data_rounds and time.perf_counter() > end:
+                return  # the rest on the next turn, after timers and other callbacks
             rounds -= 1
             reg = next(iter(ready))
             del ready[reg]

@@ -145,10 +145,14 @@ class AppHost:
                     continue  # already installed with exactly this content
                 for pk in soft.get("packages", []):
                     left = deadline - time.monotonic()
+                    t0 = time.monotonic()
                     try:
                         path = await self.chunks.fetch(pk["sha"], int(pk["size"]), timeout=max(left, 0.01))
                     except (PackageError, TimeoutError) as e:
                         raise AppError(f"package {pk.get('name')!r} of {name!r}: {e}") from None
+                    t1 = time.monotonic()
+                    log.info("%s: package %s (%d bytes) fetched in %.3fs", self.node.name, pk["sha"][:12],
+                             int(pk["size"]), t1 - t0)
                     try:
                         if pk.get("archive"):
                             await asyncio.to_thread(safe_extract, path, appdir)
@@ -157,6 +161,7 @@ class AppHost:
                             await asyncio.to_thread(shutil.copyfile, path, dest)
                     except PackageError as e:
                         raise AppError(f"package {pk.get('name')!r} of {name!r}: {e}") from None
+                    log.info("%s: package %s unpacked in %.3fs", self.node.name, pk["sha"][:12], time.monotonic() - t1)
                 cmd = soft.get("install")
                 if cmd:
                     timeout = min(float(soft.get("install_timeout") or 300.0), max(deadline - time.monotonic(), 0.01))

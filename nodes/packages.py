@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import asyncio
+import bisect
 import hashlib
 import json
 import os
@@ -222,6 +223,15 @@ class ChunkWriter:
         self._unsaved += n
         if self._unsaved >= self.SAVE_BYTES or time.monotonic() - self._saved_at >= self.SAVE_SECONDS:
             self._save()
+
+    def covers(self, start: int, end: int) -> bool:
+        """True when every byte of ``[start, end)`` has been written (it may be served on)."""
+        i = bisect.bisect_right(self._ranges, (start, float("inf"))) - 1
+        return i >= 0 and self._ranges[i][0] <= start and self._ranges[i][1] >= end
+
+    def fileno(self) -> int:
+        """The descriptor of the partial data (valid until commit, abort or close)."""
+        return self._fileno()
 
     def missing_ranges(self) -> list[tuple[int, int]]:
         """Half-open ``(start, end)`` byte ranges not yet written."""

@@ -105,6 +105,13 @@ async def network(factory, tmp_path):
                 thing.close()
 
 
+async def wait_until(pred, timeout: float = 10.0) -> None:
+    end = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < end, "condition not met in time"
+        await asyncio.sleep(0.005)
+
+
 def test_compiled_twin_in_use_unless_disabled():
     expected = "python" if os.environ.get("BUS_NO_EXTENSIONS") == "1" else "cython"
     assert IMPLEMENTATION == expected
@@ -274,13 +281,14 @@ def test_tampered_object_upstream_is_refused(factory, tmp_path, arun):
             assert not child.cache.has(digest)
             assert not list((tmp_path / "child" / "partial").iterdir())
             assert child.stats()["hash_failures"] == 1 and child.stats()["transfers"] == 0
-            # Two hops: the middle node refuses it too and tells its child why.
+            # Two hops: the middle node refuses it too. With cut-through the leaf may
+            # have every byte before the middle's verdict, and then finds the mismatch itself.
             mid = make("mid", upstream=root)
             leaf = make("leaf", upstream=mid)
-            with pytest.raises(PackageError, match="upstream could not get package .*hash mismatch"):
+            with pytest.raises(PackageError, match="hash mismatch"):
                 await leaf.svc.fetch(digest, len(data), timeout=20)
             assert not mid.cache.has(digest) and not leaf.cache.has(digest)
-            assert mid.stats()["hash_failures"] == 1 and leaf.stats()["hash_failures"] == 0
+            assert mid.stats()["hash_failures"] == 1
 
     arun(main(), timeout=60)
 
@@ -581,5 +589,36 @@ def test_node_between_parents_parks_requests_until_its_next_parent(factory, tmp_
             orphan.svc.set_upstream(root.endpoint)  # rejoined
             assert (await fetch).read_bytes() == data
             assert root.stats()["bytes_served"] == len(data)
+
+    arun(main(), timeout=60)
+
+
+def test_cut_through_serves_chunks_before_the_whole_package_is_in(factory, tmp_path, arun):
+    """A middle node passes chunks on as they arrive (the leaf still checks the whole hash)."""
+    data = os.urandom(4 * MB)
+    digest = sha(data)
+
+    async def main():
+        async with network(factory, tmp_path) as make:
+            up = make.fake()  # answers only when told: the middle node holds a part of the package
+            mid = make("mid", root=False)
+            mid.svc.set_upstream(up.endpoint)
+            leaf = make("leaf", upstream=mid)
+            fetch = asyncio.ensure_future(leaf.svc.fetch(digest, len(data), timeout=20))
+            await wait_until(lambda: len(up.requests) >= 8)
+            first = up.requests[:4]
+            for ident, msg in first:
+                up.answer(ident, msg, data)
+            await wait_until(lambda: leaf.stats()["chunks_fetched"] >= 1)
+            assert not fetch.done() and not mid.cache.has(digest)
+            assert mid.stats()["served_partial"] >= 1  # passed on before the middle had it all
+            answered = {id(m) for _, m in first}
+            while not fetch.done():
+                pending = [(i, m) for i, m in up.requests if id(m) not in answered]
+                for ident, msg in pending:
+                    answered.add(id(msg))
+                    up.answer(ident, msg, data)
+                await asyncio.sleep(0.01)
+            assert (await fetch).read_bytes() == data and mid.cache.has(digest)
 
     arun(main(), timeout=60)
