@@ -52,6 +52,7 @@ bench: build
 		--benchmark-columns=min,median,mean,ops,rounds -p no:cacheprovider || status=1; \
 	$(VPY) benchmarks/perf_relay.py || status=1; \
 	$(VPY) benchmarks/perf_tree.py || status=1; \
+	$(VPY) benchmarks/perf_deploy.py || status=1; \
 	exit $$status
 
 clean:

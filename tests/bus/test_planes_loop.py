@@ -560,3 +560,34 @@ def test_a_handler_may_remove_sockets_mid_batch(factory, arun, until):
     # Once remove() returns, that socket's handler is never called again.
     assert calls == {"r1": 1, "r2": 0}
     assert stats.sockets == 1
+
+
+def test_slow_data_work_yields_to_timers_within_the_slice(factory, arun):
+    """A backlog of slow data batches must not hold back timers (heartbeats) for long."""
+    import time
+
+    router, dealer = _pair(factory, DATA, "slice")
+    frames = encode(MsgType.DATA, {})
+    for _ in range(2000):
+        dealer.send_multipart(frames)
+    handled = []
+
+    def slow(batch):
+        handled.append(len(batch))
+        time.sleep(0.004)  # 4 ms of work per batch
+
+    async def main():
+        async with PlaneLoop(data_batch=16, data_rounds=64, data_slice=0.01) as pl:
+            pl.add(router, DATA, slow)
+            fired = asyncio.get_running_loop().create_future()
+            asyncio.get_running_loop().call_later(0.005, fired.set_result, sum(handled))
+            t0 = time.perf_counter()
+            done_before = await asyncio.wait_for(fired, 5)
+            late = time.perf_counter() - t0
+            while sum(handled) < 2000:
+                await asyncio.sleep(0.01)
+            return done_before, late
+
+    done_before, late = arun(main(), timeout=30)
+    # 64 rounds x 4 ms would keep the timer waiting >= 256 ms without the slice.
+    assert done_before < 2000 and late < 0.2
