@@ -321,3 +321,28 @@ def test_web_package_pinned_by_sha256_and_tampered_copy_refused(state_dir, manag
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+def test_logs_follow_streams_new_output(state_dir, manager, tmp_path):
+    import subprocess
+    import sys
+
+    d = _directory(tmp_path / "dir.xml", ["f1"])
+    spec = tmp_path / "ticker.xml"
+    spec.write_text(RESTARTS.format(name="ticker", process="""
+      <process name="tick" wait="start"><path>sh</path>
+        <cmdline><arg>-c</arg><arg>i=0; while true; do i=$((i+1)); echo "tick $i"; sleep 0.2; done</arg></cmdline>
+      </process>"""))
+    assert _json("deploy", spec, "-r", d, "--state-dir", state_dir)["phase"] == "running"
+    proc = subprocess.Popen([sys.executable, "-m", "tools.ctl", "logs", "ticker", "--follow", "--state-dir",
+                             str(state_dir)], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        lines = [proc.stdout.readline() for _ in range(6)]
+    finally:
+        proc.terminate()
+        proc.wait(5)
+        proc.stdout.close()
+    ticks = [int(line.rsplit(" ", 1)[1]) for line in lines if "tick" in line]
+    assert all(line.startswith("f1 tick| tick ") for line in lines), lines
+    assert ticks == list(range(ticks[0], ticks[0] + 6))  # in order, nothing repeated or skipped
+    _cli("cleanup", "ticker", "--state-dir", state_dir)
