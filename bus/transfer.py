@@ -184,10 +184,20 @@ class ChunkService:
         self._c = dict.fromkeys(_STAT_KEYS, 0)
 
     # -- lifecycle -------------------------------------------------------------
-    def serve(self, link) -> None:
-        """Answer the CHUNK_REQUESTs that arrive on ``link``'s data ROUTER (``link.on_data``)."""
+    def serve(self, link, *, hook: bool = True) -> None:
+        """Answer the CHUNK_REQUESTs that arrive on ``link``'s data ROUTER.
+
+        With ``hook`` it takes ``link.on_data``; without, the owner of
+        ``on_data`` passes CHUNK_REQUESTs to :meth:`handle` (other data-plane
+        services share the socket).
+        """
         self._link = link
-        link.on_data = self._on_request
+        if hook:
+            link.on_data = self._on_request
+
+    def handle(self, identity: bytes, msg: p.Message) -> None:
+        """One decoded CHUNK_REQUEST from a child (see :meth:`serve`)."""
+        self._on_request(identity, msg)
 
     def set_upstream(self, data_endpoint: str | None) -> None:
         """Fetch from the data ROUTER at ``data_endpoint`` from now on (None: no parent).

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import zmq
 
+from bus import protocol as p
 from bus.link import NodeLink
 from bus.planes import PlaneLoop, SocketFactory
 from bus.policy import TreeConfig
@@ -25,6 +26,14 @@ from nodes.ops import HANDLERS
 __all__ = ["NodeHost"]
 
 _HANDLERS = {**HANDLERS, **APP_HANDLERS}
+
+
+def _new_stub(node, link):
+    """The node's TACC worker stub, made on first use (svc.* operations or a TASK)."""
+    from nodes.stub import WorkerStub
+
+    node.stub = WorkerStub(node, link)
+    return node.stub
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +82,7 @@ class NodeHost:
                 # Applications: packages pulled from the parent's data plane, processes supervised.
                 node.apps = AppHost(node, self.state_dir / name, self.factory, self.loop, link)
                 node.on_reparent = node.apps.set_upstream
+            link.on_data = self._data_handler(node, link)
             link.on_child = node.on_child
             link.on_parent = node.on_parent
             link.heard_child = node.heard_child
@@ -83,6 +93,22 @@ class NodeHost:
             self.nodes.append(node)
             node.start()
         self._ticker = asyncio.get_running_loop().create_task(self._tick_forever())
+
+    @staticmethod
+    def _data_handler(node, link):
+        """Route one logical node's data-plane requests: package chunks, TASKs for its worker stub."""
+        chunk_request, task = p.MsgType.CHUNK_REQUEST, p.MsgType.TASK
+
+        def on_data(identity: bytes, msg) -> None:
+            t = msg.header.type
+            if t == task:
+                stub = node.stub if getattr(node, "stub", None) is not None else _new_stub(node, link)
+                stub.on_task(identity, msg)
+            elif t == chunk_request and getattr(node, "apps", None) is not None:
+                node.apps.on_data(identity, msg)
+            else:
+                link.counters["data_unhandled"] += 1
+        return on_data
 
     async def _tick_forever(self) -> None:
         # One timer for every logical node of the process; a quarter heartbeat

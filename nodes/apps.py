@@ -61,10 +61,6 @@ class AppHost:
         self._supervisors: dict = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self.counters = {"installs": 0, "spawned": 0, "fetched_bytes": 0}
-        if link is not None:
-            # The chunk service is built on the first request from a child (or
-            # our first fetch): a node that never moves a package pays nothing.
-            link.on_data = self._first_data
 
     # -- packages over the data plane -----------------------------------------------
     @property
@@ -74,13 +70,14 @@ class AppHost:
             from nodes.packages import PackageCache
 
             self._chunks = ChunkService(self._factory, self._loop, PackageCache(self.base / "cache"), root=False)
-            self._chunks.serve(self._link)
+            self._chunks.serve(self._link, hook=False)  # nodes.agent routes CHUNK_REQUESTs to on_data
             self._chunks.set_upstream(self._upstream)
         return self._chunks
 
-    def _first_data(self, identity: bytes, msg) -> None:
-        self.chunks  # builds the service, which takes over link.on_data
-        self._link.on_data(identity, msg)
+    def on_data(self, identity: bytes, msg) -> None:
+        """A CHUNK_REQUEST from a child. The chunk service is built on first use (a
+        child's request or our own fetch): a node that never moves a package pays nothing."""
+        self.chunks.handle(identity, msg)
 
     def set_upstream(self, data_endpoint: str | None) -> None:
         """The parent changed (None: orphaned); an in-flight fetch follows it."""
