@@ -25,10 +25,11 @@ import logging
 import os
 import re
 import shutil
+import sys
 import time
 from pathlib import Path
 
-__all__ = ["AppHost", "APP_HANDLERS", "WAIT_EXIT", "WAIT_START"]
+__all__ = ["AppHost", "APP_HANDLERS", "WAIT_EXIT", "WAIT_START", "expand"]
 
 log = logging.getLogger(__name__)
 
@@ -177,8 +178,9 @@ class AppHost:
     def _env(self, app: str, extra: dict) -> dict:
         env = dict(os.environ)
         env.update(SNSBUS_APP=app, SNSBUS_NODE=self.node.name, SNSBUS_NODE_ID=str(self.node.node_id),
-                   SNSBUS_APP_DIR=str(self.app_dir(app)))
-        env.update(extra)
+                   SNSBUS_APP_DIR=str(self.app_dir(app)), SNSBUS_PYTHON=sys.executable,
+                   SNSBUS_MANAGER=str(getattr(self.node, "root_endpoint", "") or ""))
+        env.update({k: expand(str(v), env) for k, v in extra.items()})
         return env
 
     async def _spawn(self, app: str, pdef: dict):
@@ -197,12 +199,13 @@ class AppHost:
             flap_window=float(r.get("flap_window", 60.0)),
             ok_codes=codes,
         )
-        path = pdef["path"]
+        env = self._env(app, dict(pdef.get("env") or {}))
+        path = expand(pdef["path"], env)
         if "/" in path and not os.path.isabs(path):
             path = str(cwd / path)
-        env = self._env(app, dict(pdef.get("env") or {}))
+        argv = [path, *(expand(a, env) for a in pdef.get("args", []))]
         self.counters["spawned"] += 1
-        return await sup.spawn(pdef["name"], [path, *pdef.get("args", [])], cwd=cwd, env=env, policy=policy)
+        return await sup.spawn(pdef["name"], argv, cwd=cwd, env=env, policy=policy)
 
     async def run(self, args: dict, budget: float) -> str:
         """Start the processes of one block (never a second copy) and wait as each asks."""
@@ -367,6 +370,14 @@ class AppHost:
         if self._chunks is not None:
             out.update(self._chunks.statistics())
         return out
+
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand(text: str, env: dict) -> str:
+    """``${NAME}`` and ``${NAME:-default}`` from the process environment (nothing else is special)."""
+    return _VAR.sub(lambda m: env.get(m.group(1)) or (m.group(2) if m.group(2) is not None else ""), text)
 
 
 def _state(sup, name: str) -> dict | None:

@@ -39,16 +39,20 @@ def _read(path: str, what: str) -> str:
               help="known_hosts file for the ssh resources (checked strictly when given).")
 @click.option("--no-wait", is_flag=True, help="Return once the manager accepted the deploy.")
 @click.option("--force", is_flag=True, help="Deploy again even if the same spec is deployed.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="Replace ${KEY} (or ${KEY:-default}) in the spec before it is sent (repeatable). "
+                   "What is left is expanded on each node from the process environment.")
 @click.option("--deploy-timeout", type=float, default=600.0, show_default=True,
               help="Seconds the whole deploy may take.")
 @_manager_options
-def deploy(spec, resources, no_bootstrap, identity, known_hosts, no_wait, force, deploy_timeout, as_json, state_dir, endpoint, timeout):
+def deploy(spec, resources, no_bootstrap, identity, known_hosts, no_wait, force, sets, deploy_timeout, as_json, state_dir, endpoint, timeout):
     """Deploy the application SPEC (Plush XML) onto the machines of --resources.
 
     Shows a progress bar per phase (install per component, then every block)
     and ends with a summary. Exits 1 if the deploy failed.
     """
     spec_text, res_text = _read(spec, "spec"), _read(resources, "resource directory")
+    spec_text = apply_sets(spec_text, sets)
     ep = _endpoint(endpoint, state_dir)
     if not no_bootstrap:
         _bootstrap(ep, res_text, resources, state_dir, quiet=as_json, identity=identity, known_hosts=known_hosts)
@@ -88,6 +92,20 @@ def deploy(spec, resources, no_bootstrap, identity, known_hosts, no_wait, force,
         click.echo(format_summary(prog), nl=False)
     if prog["phase"] not in ("running", "completed"):
         click.get_current_context().exit(EXIT_NODES_FAILED)
+
+
+def apply_sets(text: str, sets) -> str:
+    """Substitute ``--set KEY=VALUE`` pairs into ``${KEY}`` / ``${KEY:-default}`` (XML-escaped)."""
+    import re
+    from xml.sax.saxutils import escape
+
+    for item in sets:
+        key, sep, value = item.partition("=")
+        if not sep or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--set")
+        value = escape(value, {'"': "&quot;"})
+        text = re.sub(r"\$\{" + key + r"(?::-[^}]*)?\}", lambda m: value, text)
+    return text
 
 
 def _bootstrap(ep: str, res_text: str, res_file: str, state_dir, quiet: bool, identity=None,

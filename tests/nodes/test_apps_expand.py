@@ -1,0 +1,25 @@
+"""${VAR} expansion in process paths and arguments, and bus-ctl deploy --set."""
+
+from __future__ import annotations
+
+import click
+import pytest
+
+from nodes.apps import expand
+from tools.ctl_apps import apply_sets
+
+
+def test_expand_names_defaults_and_nothing_else():
+    env = {"A": "x", "EMPTY": ""}
+    assert expand("${A}/${B:-dflt}/${EMPTY:-e}/${C}", env) == "x/dflt/e/"
+    assert expand("$A ${A ${ not-a-var} $$", env) == "$A ${A ${ not-a-var} $$"  # only ${NAME} forms
+
+
+def test_set_substitutes_xml_escaped_values_and_leaves_the_rest():
+    spec = '<arg>${PORT:-80}</arg><arg>${MSG}</arg><arg>${SNSBUS_NODE}</arg><arg>${PORTS}</arg>'
+    out = apply_sets(spec, ["PORT=8080", 'MSG=a<b&"c"'])
+    assert out == '<arg>8080</arg><arg>a&lt;b&amp;&quot;c&quot;</arg><arg>${SNSBUS_NODE}</arg><arg>${PORTS}</arg>'
+    with pytest.raises(click.BadParameter):
+        apply_sets(spec, ["no-equals"])
+    with pytest.raises(click.BadParameter):
+        apply_sets(spec, ["BAD KEY=1"])
