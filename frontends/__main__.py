@@ -1,0 +1,83 @@
+"""``python -m frontends``: run one HTTP front end of a TACC service in the foreground.
+
+Example (the TranSend demo)::
+
+    python -m frontends --manager tcp://127.0.0.1:7070 --service transend --port 8080 \\
+        --profiles profiles.db --origin http://127.0.0.1:8000 --timeout 3
+
+SIGTERM/SIGINT stop it cleanly (exit 0); a port already in use exits 1.
+Logs go to stderr.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--manager", required=True, help="The manager's control endpoint, e.g. tcp://127.0.0.1:7070.")
+@click.option("--service", default="transend", show_default=True, help="The service whose beacons to follow.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535), help="HTTP port (0: any).")
+@click.option("--profiles", type=click.Path(dir_okay=False), default=None,
+              help="SQLite profile database (created if missing); without it every user gets the defaults.")
+@click.option("--origin", "origins", multiple=True, metavar="URL",
+              help="An origin images may be fetched from (scheme://host:port); repeat for several.")
+@click.option("--timeout", default=3.0, show_default=True, type=click.FloatRange(min=0.01),
+              help="Seconds a request may wait for workers before the answer turns approximate.")
+@click.option("--attempt-timeout", type=click.FloatRange(min=0.01), default=None,
+              help="Seconds to wait for one worker before re-dispatching [default: half of --timeout].")
+@click.option("--attempts", default=3, show_default=True, type=click.IntRange(1, 32), help="Workers tried per request.")
+@click.option("--max-queue", default=32, show_default=True, type=click.IntRange(min=1),
+              help="Queue + in-flight at which a worker counts as full (all full: approximate answer).")
+@click.option("--fetch-timeout", default=10.0, show_default=True, type=click.FloatRange(min=0.01),
+              help="Seconds for fetching one original from its origin.")
+@click.option("--max-original", default=None, type=click.IntRange(min=1),
+              help="Largest original in bytes [default and maximum: the bus's frame limit, 8 MiB].")
+@click.option("--access-log", is_flag=True, help="Log every HTTP request.")
+@click.option("--log-level", default="INFO", show_default=True,
+              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
+def main(manager, service, host, port, profiles, origins, timeout, attempt_timeout, attempts, max_queue,
+         fetch_timeout, max_original, access_log, log_level):  # fmt: skip
+    """Serve /distill, /sheet, /health and /stats for SERVICE, dispatching to its workers."""
+    import asyncio
+    import logging
+    import signal
+
+    from bus.planes import SocketSetupError
+    from frontends.server import FrontEndConfig, serve
+
+    logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s frontend[%(process)d] %(name)s: %(message)s")  # fmt: skip
+    extra = {} if max_original is None else {"max_original": max_original}
+    try:
+        config = FrontEndConfig(manager=manager, service=service, origins=tuple(origins), profiles=profiles,
+                                timeout=timeout, attempt_timeout=attempt_timeout, attempts=attempts,
+                                max_queue=max_queue, fetch_timeout=fetch_timeout, **extra)  # fmt: skip
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    if not config.origins:
+        logging.getLogger("frontends").warning("no --origin given: every /distill will be refused (403)")
+
+    async def run() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await serve(config, host, port, stop=stop, access_log=access_log)
+        except SocketSetupError as e:
+            logging.getLogger("frontends").error("%s; check --manager", e)
+            return 1
+        except OSError as e:
+            logging.getLogger("frontends").error("cannot listen on %s:%d: %s", host, port, e)
+            return 1
+        return 0
+
+    sys.exit(asyncio.run(run()))
+
+
+if __name__ == "__main__":
+    main()

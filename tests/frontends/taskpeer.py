@@ -1,0 +1,330 @@
+"""A test peer playing the manager and the worker stubs of docs/services.md, on real sockets.
+
+* Control: a ROUTER that answers ``CTL_REQUEST svc_subscribe`` with a
+  ``CTL_REPLY`` and pushes a ``BEACON`` to every live subscriber every
+  ``beacon_interval`` seconds (a subscriber is dropped 5 s after its last
+  renewal, as the manager does).
+* Data: one ROUTER per simulated node.  A ``TASK`` for a worker instance is
+  answered by its behaviour: after ``delay`` seconds, with an error ``code``
+  (``worker_crashed``, ``overloaded``, ...), never (``silent``), or by running
+  ``handler`` in a thread (e.g. ``examples.transend.distill.distill_worker``,
+  so results are real bytes); the default handler echoes the first input.
+  A ``TASK`` for a cache instance runs get/put/del on a real
+  :class:`nodes.cachestore.CacheStore`.
+
+Beacon rows carry each worker's real queue (tasks received and not answered
+yet) unless a test pins ``q``.  Everything runs on the caller's asyncio loop;
+``async with TaskPeer() as peer`` closes every socket and the context.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import zmq
+
+from bus import protocol
+from bus.planes import PeerUnreachable, Plane, PlaneLoop, SocketFactory, endpoint_of
+from bus.protocol import MsgType
+from nodes.cachestore import CacheStore, EntryTooLarge
+
+__all__ = ["TaskPeer", "Behaviour", "echo", "transend_stack"]
+
+SUBSCRIPTION_TTL = 5.0
+
+
+def echo(request: dict) -> dict:
+    """A trivial transformation: the input back."""
+    data = request.get("data") if "data" in request else b"".join(request.get("items") or ())
+    return {"data": data, "content_type": "application/octet-stream", "info": {"echo": True}}
+
+
+@dataclass
+class Behaviour:
+    """How one worker instance answers."""
+
+    delay: float = 0.0
+    code: str | None = None  # answer ok: false with this code
+    silent: bool = False  # never answer
+    handler: Callable[[dict], dict] = echo
+    q: float | None = None  # pin the beaconed queue length
+    cost: float = 0.01
+
+
+@dataclass
+class _Worker:
+    id: str
+    w: str
+    kind: str
+    node: str
+    behaviour: Behaviour
+    queued: int = 0
+    received: list = field(default_factory=list)  # rids
+    answered: int = 0
+
+
+class TaskPeer:
+    """The fake manager + stubs; ``control_endpoint`` is what a front end subscribes to."""
+
+    def __init__(self, svc: str = "transend", *, beacon_interval: float = 0.1):
+        self.svc = svc
+        self.beacon_interval = beacon_interval
+        self.beaconing = True  # False: subscriptions are answered, no BEACON is pushed
+        self.answer_subscribe = True
+        self.subscribes = 0
+        self.beacons_sent = 0
+        self.seq = 0
+        self.workers: dict[str, _Worker] = {}
+        self.caches: dict[str, tuple[str, CacheStore]] = {}
+        self.nodes: dict[str, zmq.Socket] = {}
+        self.endpoints: dict[str, str] = {}  # node -> data endpoint (kept after kill_node)
+        self.subscribers: dict[bytes, float] = {}
+        self._context: zmq.Context | None = None
+        self._factory: SocketFactory | None = None
+        self._loop: PlaneLoop | None = None
+        self._control: zmq.Socket | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self._n = 0
+
+    # -- lifecycle -------------------------------------------------------------
+    async def start(self) -> None:
+        self._context = zmq.Context()
+        self._factory = SocketFactory(self._context, linger=0)
+        self._loop = PlaneLoop()
+        await self._loop.start()
+        self._control = self._factory.control_router("tcp://127.0.0.1:0")
+        self._loop.add(self._control, Plane.CONTROL, self._on_control)
+        self._spawn(self._beacon_forever())
+
+    async def stop(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._loop is not None:
+            await self._loop.stop()
+        if self._factory is not None:
+            self._factory.close(linger=0)
+        if self._context is not None:
+            self._context.term()
+        self._context = None
+
+    async def __aenter__(self) -> TaskPeer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.stop()
+
+    def _spawn(self, coro) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    @property
+    def control_endpoint(self) -> str:
+        return endpoint_of(self._control)
+
+    # -- the cluster -------------------------------------------------------------
+    def add_node(self, name: str) -> str:
+        """A node with its own data ROUTER; returns the data endpoint."""
+        sock = self._factory.data_router("tcp://127.0.0.1:0")
+        self._loop.add(sock, Plane.DATA, lambda batch: self._on_data(sock, batch))
+        self.nodes[name] = sock
+        self.endpoints[name] = endpoint_of(sock)
+        return self.endpoints[name]
+
+    def kill_node(self, name: str) -> None:
+        """Close a node's data ROUTER; the beacon keeps listing its instances (as a stale manager would)."""
+        sock = self.nodes.pop(name)
+        self._loop.remove(sock)
+        sock.close(0)
+
+    def add_worker(self, node: str, w: str = "distill", kind: str = "transformation", **behaviour) -> str:
+        """A worker instance on ``node``; returns its id (``svc/w@node#n``)."""
+        if node not in self.endpoints:
+            self.add_node(node)
+        self._n += 1
+        wid = f"{self.svc}/{w}@{node}#{self._n}"
+        self.workers[wid] = _Worker(wid, w, kind, node, Behaviour(**behaviour))
+        return wid
+
+    def add_cache(self, node: str, max_bytes: int = 64 << 20) -> str:
+        if node not in self.endpoints:
+            self.add_node(node)
+        self._n += 1
+        cid = f"{self.svc}/cache@{node}#{self._n}"
+        self.caches[cid] = (node, CacheStore(max_bytes))
+        return cid
+
+    def remove(self, instance: str) -> None:
+        """Take a worker or cache out (later TASKs for it: no_such_worker)."""
+        self.workers.pop(instance, None)
+        self.caches.pop(instance, None)
+
+    def set(self, wid: str, **behaviour) -> None:
+        for key, value in behaviour.items():
+            setattr(self.workers[wid].behaviour, key, value)
+
+    def cache_store(self, cid: str) -> CacheStore:
+        return self.caches[cid][1]
+
+    def beacon(self) -> dict:
+        """The BEACON body as the manager would send it now."""
+        workers = [{"id": w.id, "w": w.w, "kind": w.kind, "node": w.node, "data": self.endpoints[w.node],
+                    "q": w.behaviour.q if w.behaviour.q is not None else w.queued, "cost": w.behaviour.cost}
+                   for w in self.workers.values()]  # fmt: skip
+        caches = [{"id": cid, "node": node, "data": self.endpoints[node]}
+                  for cid, (node, _) in self.caches.items()]  # fmt: skip
+        self.seq += 1
+        return {"svc": self.svc, "seq": self.seq, "workers": workers, "caches": caches}
+
+    # -- control plane -------------------------------------------------------------
+    async def _beacon_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.beacon_interval)
+            now = time.monotonic()
+            for ident, renewed in list(self.subscribers.items()):
+                if now - renewed > SUBSCRIPTION_TTL:
+                    del self.subscribers[ident]
+            if self.beaconing and self.subscribers:
+                frames = protocol.encode(MsgType.BEACON, self.beacon())
+                for ident in list(self.subscribers):
+                    try:
+                        self._loop.send(self._control, [ident, *frames])
+                        self.beacons_sent += 1
+                    except PeerUnreachable:
+                        del self.subscribers[ident]
+
+    def _on_control(self, batch: list) -> None:
+        for frames in batch:
+            decoded = self._loop.decode(self._control, frames)
+            if decoded is None:
+                continue
+            (ident,), msg = decoded
+            if msg.header.type != MsgType.CTL_REQUEST:
+                continue
+            body = msg.body
+            if body.get("cmd") == "svc_subscribe" and body.get("args", {}).get("svc") == self.svc:
+                self.subscribes += 1
+                if not self.answer_subscribe:
+                    continue
+                self.subscribers[ident] = time.monotonic()
+                reply = {"ok": True, "result": {"svc": self.svc, "renew": 2.0}}
+            else:
+                reply = {"ok": False, "code": "UNKNOWN_SERVICE", "error": f"no service {body.get('args')}"}
+            try:
+                self._loop.send(self._control, [ident, *protocol.encode(MsgType.CTL_REPLY, reply,
+                                                                        ref=msg.header.msg_id)])  # fmt: skip
+            except PeerUnreachable:
+                pass
+
+    # -- data plane ----------------------------------------------------------------
+    def _on_data(self, sock: zmq.Socket, batch: list) -> None:
+        for frames in batch:
+            decoded = self._loop.decode(sock, frames)
+            if decoded is None or decoded[1].header.type != MsgType.TASK:
+                continue
+            (ident,), msg = decoded
+            body = msg.body
+            w = body.get("w")
+            if w in self.caches:
+                self._cache_op(sock, ident, body, msg.extra)
+            elif w in self.workers:
+                worker = self.workers[w]
+                worker.received.append(body["rid"])
+                worker.queued += 1
+                self._spawn(self._run(sock, ident, worker, body, msg.extra))
+            else:
+                self._reply(sock, ident, {"rid": body.get("rid"), "ok": False, "code": "no_such_worker",
+                                          "err": f"no worker {w} here", "q": 0})  # fmt: skip
+
+    def _reply(self, sock, ident: bytes, body: dict, extra=()) -> None:
+        try:
+            self._loop.send(sock, [ident, *protocol.encode(MsgType.TASK_REPLY, body, extra=extra)])
+        except (PeerUnreachable, ValueError):  # the front end left, or the node was killed
+            pass
+
+    def _cache_op(self, sock, ident: bytes, body: dict, extra: list) -> None:
+        store = self.caches[body["w"]][1]
+        op, key, rid = body.get("op"), body.get("k"), body.get("rid")
+        if op == "get":
+            entry = store.get(key)
+            if entry is None:
+                self._reply(sock, ident, {"rid": rid, "ok": True, "hit": False, "meta": {}})
+            else:
+                self._reply(sock, ident, {"rid": rid, "ok": True, "hit": True, "meta": dict(entry.meta)}, [entry.data])
+        elif op == "put":
+            try:
+                store.put(key, extra[0], body.get("meta") or {})
+                self._reply(sock, ident, {"rid": rid, "ok": True, "hit": False, "meta": {}})
+            except EntryTooLarge as e:
+                self._reply(sock, ident, {"rid": rid, "ok": False, "code": "failed", "err": str(e)})
+        elif op == "del":
+            self._reply(sock, ident, {"rid": rid, "ok": True, "hit": store.delete(key), "meta": {}})
+
+    async def _run(self, sock, ident: bytes, worker: _Worker, body: dict, extra: list) -> None:
+        b = worker.behaviour
+        try:
+            if b.delay:
+                await asyncio.sleep(b.delay)
+            if b.silent:
+                await asyncio.Event().wait()  # until the peer stops
+            rid = body["rid"]
+            if b.code is not None:
+                reply, out = {"rid": rid, "ok": False, "code": b.code, "err": f"test peer: {b.code}"}, ()
+            else:
+                request: dict[str, Any] = {"params": body.get("p") or {}}
+                if worker.kind == "aggregation":
+                    request["items"] = list(extra)
+                else:
+                    request["data"] = extra[0] if extra else b""
+                try:
+                    result = await asyncio.to_thread(b.handler, request)
+                    reply = {"rid": rid, "ok": True, "ct": result["content_type"], "info": result.get("info") or {}}
+                    out = (result["data"],)
+                except Exception as e:  # the callable raised: `failed`, as the stub answers
+                    reply, out = {"rid": rid, "ok": False, "code": "failed", "err": f"{type(e).__name__}: {e}"}, ()
+        finally:
+            worker.queued -= 1
+        worker.answered += 1
+        reply["q"] = worker.queued
+        self._reply(sock, ident, reply, out)
+
+
+@asynccontextmanager
+async def transend_stack(images: Path, db: Path | None = None, *, workers: int = 2, sheet: bool = True,
+                         cache: bool = True, behaviour: dict | None = None, **config):  # fmt: skip
+    """A whole TranSend service in this loop: origin + peer (distill workers, cache) + front end.
+
+    Yields ``(client, frontend, peer, origin_url)``; ``client`` is an aiohttp
+    TestClient on the front end.  Workers run the real Pillow distiller.
+    """
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from examples.transend.distill import contact_sheet_worker, distill_worker
+    from examples.transend.origin import make_app
+    from frontends.server import FrontEnd, FrontEndConfig
+
+    async with TestServer(make_app(images), host="127.0.0.1") as origin, TaskPeer() as peer:
+        origin_url = str(origin.make_url("")).rstrip("/")
+        for i in range(workers):
+            peer.add_worker(f"n{i + 1}", handler=distill_worker, **(behaviour or {}))
+        if sheet:
+            peer.add_worker("n1", "sheet", "aggregation", handler=contact_sheet_worker)
+        if cache:
+            peer.add_cache("n1")
+        # Tests check what the cache holds, not its speed: a generous timeout
+        # keeps a stall of the shared test machine from turning a hit into a miss.
+        config.setdefault("cache_timeout", 0.5)
+        cfg = FrontEndConfig(manager=peer.control_endpoint, origins=(origin_url,),
+                             profiles=str(db) if db else None, **config)  # fmt: skip
+        async with FrontEnd(cfg) as fe:
+            await fe.beacons.next_beacon(5.0)
+            async with TestClient(TestServer(fe.make_app(), host="127.0.0.1")) as client:
+                yield client, fe, peer, origin_url
