@@ -56,7 +56,7 @@ import yarl
 import zmq
 from aiohttp import web
 
-from bus.planes import PlaneLoop, SocketFactory
+from bus.planes import PlaneLoop, SocketFactory, new_context
 from bus.protocol import MAX_EXTRA, MAX_FRAME
 from examples.transend.distill import MAX_ITEMS, DistillError, DistillParams, SheetParams
 from frontends.cacheclient import CacheClient
@@ -225,7 +225,7 @@ class FrontEnd:
     async def start(self) -> None:
         """Subscribe to the manager's beacons, open the profile store and the origin client."""
         cfg = self.config
-        self._context = zmq.Context()
+        self._context = new_context()
         self._factory = SocketFactory(self._context, linger=0)
         self._loop = PlaneLoop()
         await self._loop.start()

@@ -19,7 +19,7 @@ import zmq
 
 from bus import protocol as p
 from bus.link import NodeLink
-from bus.planes import PlaneLoop, SocketFactory
+from bus.planes import PlaneLoop, SocketFactory, new_context
 from bus.policy import TreeConfig
 from manager import commands
 from manager.root import RootNode
@@ -63,7 +63,7 @@ class Manager:
         return self.clock() - self._started
 
     async def start(self) -> None:
-        self.context = zmq.Context()
+        self.context = new_context()
         self.factory = SocketFactory(self.context)
         self.loop = PlaneLoop()
         await self.loop.start()

@@ -17,7 +17,7 @@ import zmq
 
 from bus import protocol as p
 from bus.link import NodeLink
-from bus.planes import PlaneLoop, SocketFactory
+from bus.planes import PlaneLoop, SocketFactory, new_context
 from bus.policy import TreeConfig
 from bus.tree import ATTACHED, TreeNode
 from nodes.apps import APP_HANDLERS, AppHost
@@ -67,7 +67,7 @@ class NodeHost:
         self._ticker: asyncio.Task | None = None
 
     async def start(self) -> None:
-        self.context = zmq.Context()
+        self.context = new_context()
         self.factory = SocketFactory(self.context)
         self.loop = PlaneLoop()
         await self.loop.start()

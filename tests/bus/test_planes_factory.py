@@ -145,3 +145,23 @@ def test_routers_listen_with_a_deep_backlog():
         f.close(0)
     finally:
         ctx.term()
+
+
+def test_new_context_runs_the_io_thread_as_sched_batch():
+    import os
+
+    from bus.planes import new_context
+
+    ctx = new_context()
+    try:
+        if hasattr(os, "SCHED_BATCH"):
+            assert ctx.get(zmq.THREAD_SCHED_POLICY) == os.SCHED_BATCH
+        sock = ctx.socket(zmq.DEALER)  # the I/O thread starts with the first socket
+        try:
+            if hasattr(os, "SCHED_BATCH"):
+                policies = {os.sched_getscheduler(int(t)) for t in os.listdir("/proc/self/task")}
+                assert os.SCHED_BATCH in policies  # libzmq's I/O thread
+        finally:
+            sock.close(0)
+    finally:
+        ctx.term()
