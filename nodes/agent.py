@@ -22,10 +22,11 @@ from bus.policy import TreeConfig
 from bus.tree import ATTACHED, TreeNode
 from nodes.apps import APP_HANDLERS, AppHost
 from nodes.ops import HANDLERS
+from nodes.stub import SVC_HANDLERS
 
 __all__ = ["NodeHost"]
 
-_HANDLERS = {**HANDLERS, **APP_HANDLERS}
+_HANDLERS = {**HANDLERS, **APP_HANDLERS, **SVC_HANDLERS}
 
 
 def _new_stub(node, link):
@@ -128,6 +129,8 @@ class NodeHost:
             self._ticker = None
         for node in self.nodes:
             await node.stop()
+            if getattr(node, "stub", None) is not None:
+                await node.stub.close()
             if getattr(node, "apps", None) is not None:
                 await node.apps.close()
         if self.loop is not None:

@@ -1,0 +1,390 @@
+"""A TACC worker instance's process: both ends of the pipe between it and the stub.
+
+The worker stub (:mod:`nodes.stub`) starts one process per worker instance
+with ``python -m nodes.worker`` (:meth:`WorkerProcess.start`, the stub's end)
+and talks to it over the process's stdin and stdout pipes (:func:`main`, the
+process's end).  The process imports the registered callable
+(``module:function``) once, then serves one request at a time until its
+stdin closes.
+
+Pipe messages mirror the bus framing (a msgpack body, then raw bytes frames)
+so inputs and results of up to ``bus.protocol.MAX_FRAME`` bytes travel
+without being packed into msgpack::
+
+    u32 frame count, then per frame: u32 length, the bytes   (little-endian)
+
+Frame 0 is a msgpack map (packed by :mod:`bus.protocol`, the only msgpack
+configuration); the rest are raw bytes.  The conversation:
+
+1. stub -> process: ``{"callable", "kind", "path"}`` (``path``: entries put in
+   front of ``sys.path`` before the import).
+2. process -> stub: ``{"ready": true, "pid"}``, or ``{"ready": false,
+   "err"}`` and the process exits.
+3. For each request, stub -> process: ``{"p": params}`` + the input objects;
+   process -> stub: ``{"ok": true, "ct", "info", "run_s"}`` + the result (``run_s``:
+   the callable's own time, so the stub can tell its overhead), or
+   ``{"ok": false, "err"}`` when the callable raised (the process keeps
+   serving).  A process that dies instead has crashed; the stub restarts it.
+
+The callable takes ``{"params": map, "data": bytes}`` (transformation) or
+``{"params": map, "items": [bytes, ...]}`` (aggregation) and returns
+``{"data": bytes, "content_type": str, "info": map}`` (or just bytes).
+
+Before anything else the process moves the protocol off fds 0 and 1 and
+points fd 1 at stderr, so a ``print()`` in the callable cannot corrupt the
+pipe; it also runs in its own session, so a Ctrl-C at the bus-node's terminal
+reaches the stub, which stops its workers itself.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import importlib
+import os
+import signal
+import struct
+import sys
+import time
+from pathlib import Path
+from typing import BinaryIO, Callable, Mapping
+
+from bus import protocol as p  # msgpack and the header codec: no zmq, no asyncio
+
+__all__ = [
+    "TRANSFORMATION",
+    "AGGREGATION",
+    "KINDS",
+    "PipeError",
+    "pack_message",
+    "read_message",
+    "MessageReader",
+    "WorkerProcess",
+    "load_callable",
+    "main",
+]
+
+TRANSFORMATION = "transformation"
+AGGREGATION = "aggregation"
+KINDS = (TRANSFORMATION, AGGREGATION)
+
+_U32 = struct.Struct("<I")
+MAX_FRAMES = p.MAX_EXTRA + 1  # a body and the extra frames of one bus message
+DEFAULT_CONTENT_TYPE = "application/octet-stream"
+STOP_GRACE = 1.0  # seconds a process gets to exit once its stdin closed
+_COALESCE = 64 * 1024  # messages up to this size go to the pipe in one write
+PIPE_SIZE = 1 << 20  # bytes of each pipe's kernel buffer, where the system allows
+_ROOT = str(Path(__file__).resolve().parent.parent)  # the directory holding the nodes package
+
+
+class PipeError(Exception):
+    """The other end broke the pipe protocol (or went away mid-message)."""
+
+
+def pack_message(frames) -> list:
+    """The pieces to write for one message of ``frames`` (bytes-like), in order."""
+    out = [_U32.pack(len(frames))]
+    for frame in frames:
+        out.append(_U32.pack(len(frame)))
+        out.append(frame)
+    return out
+
+
+def read_message(f: BinaryIO, max_frame: int) -> list | None:
+    """One message from a blocking binary file; None at a clean end of file."""
+    head = f.read(4)
+    if not head:
+        return None
+    if len(head) < 4:
+        raise PipeError("the pipe closed inside a message")
+    (count,) = _U32.unpack(head)
+    if not 1 <= count <= MAX_FRAMES:
+        raise PipeError(f"a message of {count} frames")
+    frames = []
+    for _ in range(count):
+        raw = f.read(4)
+        if len(raw) < 4:
+            raise PipeError("the pipe closed inside a message")
+        (n,) = _U32.unpack(raw)
+        if n > max_frame:
+            raise PipeError(f"a frame of {n} bytes exceeds {max_frame}")
+        frame = f.read(n)
+        if len(frame) < n:
+            raise PipeError("the pipe closed inside a message")
+        frames.append(frame)
+    return frames
+
+
+class MessageReader:
+    """Messages parsed from the chunks a non-blocking pipe delivers (the stub's end)."""
+
+    def __init__(self, max_frame: int = p.MAX_FRAME):
+        self._buf = bytearray()
+        self._max = max_frame
+
+    def feed(self, data: bytes) -> list:
+        """The messages completed by ``data``; raises :class:`PipeError` on nonsense."""
+        buf = self._buf
+        buf += data
+        out, pos = [], 0
+        while True:
+            msg, end = self._one(buf, pos)
+            if msg is None:
+                break
+            out.append(msg)
+            pos = end
+        if pos:
+            del buf[:pos]  # cheap: CPython trims a bytearray's head in place
+        return out
+
+    def _one(self, buf: bytearray, pos: int):
+        have = len(buf)
+        if have - pos < 4:
+            return None, pos
+        (count,) = _U32.unpack_from(buf, pos)
+        if not 1 <= count <= MAX_FRAMES:
+            raise PipeError(f"a message of {count} frames")
+        off, sizes = pos + 4, []
+        for _ in range(count):
+            if have - off < 4:
+                return None, pos
+            (n,) = _U32.unpack_from(buf, off)
+            if n > self._max:
+                raise PipeError(f"a frame of {n} bytes exceeds {self._max}")
+            off += 4 + n
+            if off > have:
+                return None, pos  # the rest has not arrived yet
+            sizes.append(n)
+        frames, off = [], pos + 4
+        for n in sizes:
+            frames.append(bytes(buf[off + 4:off + 4 + n]))
+            off += 4 + n
+        return frames, off
+
+
+def _killpg(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass  # the group is gone already
+
+
+def _widen(pipe_transport) -> None:
+    # An image moves through a 64 KiB pipe in many wakeups of both processes;
+    # a 1 MiB pipe (Linux, best effort) takes most in one write.
+    setsize = getattr(fcntl, "F_SETPIPE_SZ", None)
+    pipe = pipe_transport.get_extra_info("pipe") if pipe_transport is not None else None
+    if setsize is None or pipe is None:
+        return
+    try:
+        fcntl.fcntl(pipe.fileno(), setsize, PIPE_SIZE)
+    except OSError:
+        pass  # over /proc/sys/fs/pipe-max-size, or not Linux: the default size works too
+
+
+class WorkerProcess:
+    """The stub's end of one worker process, as an asyncio subprocess protocol.
+
+    Messages from the process go to ``on_message(self, frames)``; its end
+    goes to ``on_lost(self, why)``, once: the stdout pipe closing (at once on
+    kill -9) or nonsense on it.  ``exited`` resolves to the exit code once
+    asyncio's child watcher reaped it.  asyncio is imported only in these
+    methods, so the worker process itself never loads it.
+    """
+
+    def __init__(self, on_message: Callable, on_lost: Callable):
+        import asyncio
+
+        self._on_message, self._on_lost = on_message, on_lost
+        self.transport = None
+        self.stdin = None
+        self.reader = MessageReader()
+        self.exited = asyncio.get_running_loop().create_future()
+        self.lost = False
+
+    @classmethod
+    async def start(cls, fn: str, kind: str, path: list, on_message: Callable, on_lost: Callable) -> "WorkerProcess":
+        """Start ``python -m nodes.worker`` and send it the callable to load; the greeting
+        (``{"ready": ...}``) arrives as the first message.  Raises ``OSError``."""
+        import asyncio
+
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(x for x in (_ROOT, env.get("PYTHONPATH")) if x)
+        _, proc = await asyncio.get_running_loop().subprocess_exec(
+            lambda: cls(on_message, on_lost), sys.executable, "-m", "nodes.worker",
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=None, env=env,
+            start_new_session=True,  # its own group: killed as a whole, deaf to the terminal's Ctrl-C
+        )  # fmt: skip
+        proc.send([p.packb({"callable": fn, "kind": kind, "path": [*path, *sys.path]})])
+        return proc
+
+    @property
+    def pid(self) -> int:
+        return self.transport.get_pid()
+
+    # -- asyncio.SubprocessProtocol -----------------------------------------------------
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self.stdin = transport.get_pipe_transport(0)
+        for fd in (0, 1):
+            _widen(transport.get_pipe_transport(fd))
+
+    def pause_writing(self) -> None:
+        pass  # one request at a time: the pipe transport's buffer is bounded by it
+
+    def resume_writing(self) -> None:
+        pass
+
+    def pipe_data_received(self, fd: int, data: bytes) -> None:
+        try:
+            messages = self.reader.feed(data)
+        except PipeError as e:
+            self._lose(f"it broke the pipe protocol: {e}")
+            return
+        for frames in messages:
+            if self.lost:
+                return
+            self._on_message(self, frames)
+
+    def pipe_connection_lost(self, fd: int, exc) -> None:
+        if fd == 1:
+            self._lose("its pipe closed")
+
+    def process_exited(self) -> None:
+        if not self.exited.done():
+            self.exited.set_result(self.transport.get_returncode())
+        if not self.lost:
+            # Exited, and something it started may still hold stdout open: end the group.
+            _killpg(self.pid, signal.SIGKILL)
+
+    def connection_lost(self, exc) -> None:
+        pass  # every pipe is closed and the process reaped: nothing left to do
+
+    def _lose(self, why: str) -> None:
+        if not self.lost:
+            self.lost = True
+            self._on_lost(self, why)
+
+    # -- use ----------------------------------------------------------------------------
+    def send(self, frames) -> None:
+        """Write one message (never blocks: the pipe transport buffers what does not fit)."""
+        pieces = pack_message(frames)
+        if self.lost or self.stdin.is_closing():
+            return  # its end is on its way to on_lost
+        if sum(map(len, pieces)) <= _COALESCE:
+            self.stdin.write(b"".join(pieces))  # one syscall for a small request
+        else:
+            for piece in pieces:
+                self.stdin.write(piece)  # no copy of big inputs
+
+    async def retire(self, graceful: bool) -> None:
+        """End the process (EOF on its stdin first when ``graceful``, else or then SIGKILL) and reap it."""
+        import asyncio
+
+        self.lost = True
+        pid = self.pid
+        if graceful and not self.exited.done():
+            self.stdin.close()
+            try:
+                await asyncio.wait_for(asyncio.shield(self.exited), STOP_GRACE)
+            except asyncio.TimeoutError:
+                pass
+        if not self.exited.done():
+            _killpg(pid, signal.SIGKILL)
+        await self.exited
+        _killpg(pid, signal.SIGKILL)  # whatever it started dies with it
+        self.transport.close()
+
+
+def load_callable(spec: str):
+    """Import ``module:function`` (dots allowed after the colon) and return the callable."""
+    module, sep, attr = spec.partition(":")
+    if not sep or not module or not attr:
+        raise ValueError(f"a worker callable is named 'module:function', not {spec!r}")
+    obj = importlib.import_module(module)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise TypeError(f"{spec} is a {type(obj).__name__}, not a callable")
+    return obj
+
+
+def _sentence(e: BaseException) -> str:
+    text = str(e)
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _result(out, max_frame: int) -> tuple[bytes, str, dict]:
+    if isinstance(out, (bytes, bytearray, memoryview)):
+        data, ct, info = out, DEFAULT_CONTENT_TYPE, {}
+    elif isinstance(out, Mapping):
+        data = out.get("data")
+        ct = out.get("content_type") or DEFAULT_CONTENT_TYPE
+        info = out.get("info") or {}
+    else:
+        raise TypeError(f"the worker returned a {type(out).__name__}; expected a dict with 'data' or bytes")
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"the worker's 'data' is a {type(data).__name__}, not bytes")
+    if not isinstance(ct, str) or not isinstance(info, Mapping):
+        raise TypeError("the worker's 'content_type' must be a str and its 'info' a map")
+    if len(data) > max_frame:
+        raise ValueError(f"the result of {len(data)} bytes exceeds the bus frame limit of {max_frame} bytes")
+    return data, ct, dict(info)
+
+
+def _serve(rf: BinaryIO, wf: BinaryIO) -> int:
+    def send(frames) -> None:
+        wf.writelines(pack_message(frames))
+        wf.flush()
+
+    hello = read_message(rf, p.MAX_BODY)
+    if hello is None:
+        return 0
+    init = p.unpackb(hello[0])
+    try:
+        extra = [d for d in init.get("path") or () if isinstance(d, str) and d not in sys.path]
+        sys.path[:0] = extra
+        fn = load_callable(init.get("callable", ""))
+    except Exception as e:  # whatever the import raised goes back as one sentence
+        send([p.packb({"ready": False, "err": f"cannot load {init.get('callable')!r}: {_sentence(e)}"})])
+        return 1
+    aggregation = init.get("kind") == AGGREGATION
+    send([p.packb({"ready": True, "pid": os.getpid()})])
+    while True:
+        msg = read_message(rf, p.MAX_FRAME)
+        if msg is None:
+            return 0  # the stub closed our stdin: a clean stop
+        meta = p.unpackb(msg[0])
+        request = {"params": meta.get("p") or {}}
+        if aggregation:
+            request["items"] = msg[1:]
+        else:
+            request["data"] = msg[1] if len(msg) > 1 else b""
+        t0 = time.perf_counter()
+        try:
+            data, ct, info = _result(fn(request), p.MAX_FRAME)
+            head = p.packb({"ok": True, "ct": ct, "info": info, "run_s": time.perf_counter() - t0})
+            if len(head) > p.MAX_BODY // 2:
+                raise ValueError(f"the worker's info takes {len(head)} bytes once packed; keep it small")
+        except Exception as e:  # the callable's failure is the request's answer, not ours
+            send([p.packb({"ok": False, "err": _sentence(e)})])
+            continue
+        send([head, data])
+
+
+def main() -> int:
+    # The protocol gets private copies of the pipes; fd 0 becomes /dev/null and
+    # fd 1 the stderr, so stray reads and prints cannot touch the protocol.
+    rfd, wfd = os.dup(0), os.dup(1)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    os.dup2(2, 1)
+    with os.fdopen(rfd, "rb") as rf, os.fdopen(wfd, "wb") as wf:
+        try:
+            return _serve(rf, wf)
+        except (PipeError, BrokenPipeError):
+            return 2  # the stub went away or spoke nonsense: nothing left to serve
+
+
+if __name__ == "__main__":
+    sys.exit(main())
