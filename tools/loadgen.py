@@ -69,12 +69,15 @@ def percentile(sorted_values: Sequence[float], p: float) -> float:
 async def run_load_async(frontend: str, images: Sequence[str], origin: str, *, concurrency: int = 16,
                          duration: float | None = 10.0, requests: int | None = None, zipf: float = 1.0,
                          seed: int = 0, params: Mapping[str, Any] | None = None, users: Sequence[str] = (),
-                         timeout: float = 30.0, path: str = "/distill") -> dict:  # fmt: skip
+                         timeout: float = 30.0, path: str = "/distill",
+                         vary: Mapping[str, Sequence[Any]] | None = None) -> dict:  # fmt: skip
     """Run the closed loop and return its figures (see :func:`format_report` for their meaning).
 
     Stops after ``duration`` seconds or ``requests`` requests, whichever
     comes first (at least one of them must be given).  ``users`` are sent as
-    ``X-User``, drawn uniformly per request.
+    ``X-User``, drawn uniformly per request.  ``vary`` maps a query parameter
+    to values drawn per request (e.g. ``{"q": range(30, 96)}``): distinct
+    results, so the load reaches the workers instead of the cache.
     """
     import aiohttp
 
@@ -89,6 +92,7 @@ async def run_load_async(frontend: str, images: Sequence[str], origin: str, *, c
     target = frontend.rstrip("/") + path
     base = origin.rstrip("/")
     extra = {k: str(v) for k, v in (params or {}).items()}
+    choices = {k: [str(x) for x in v] for k, v in (vary or {}).items()}
     latencies: list[float] = []
     statuses: Counter = Counter()
     approx: Counter = Counter()
@@ -102,9 +106,10 @@ async def run_load_async(frontend: str, images: Sequence[str], origin: str, *, c
         while time.monotonic() < stop_at and (requests is None or next(issued) < requests):
             name = names[min(bisect.bisect_left(cum, rng.random() * total), len(names) - 1)]
             headers = {"X-User": rng.choice(users)} if users else {}
+            query = {"url": f"{base}/{name}", **extra, **{k: rng.choice(v) for k, v in choices.items()}}
             t0 = time.monotonic()
             try:
-                async with session.get(target, params={"url": f"{base}/{name}", **extra}, headers=headers) as resp:
+                async with session.get(target, params=query, headers=headers) as resp:
                     body = await resp.read()
             except (aiohttp.ClientError, asyncio.TimeoutError):
                 counts["exceptions"] += 1

@@ -21,6 +21,7 @@ def main(argv=None) -> int:
     ap.add_argument("--name", default=f"node-{os.getpid()}")
     ap.add_argument("--virtual", type=int, default=0)
     ap.add_argument("--group")
+    ap.add_argument("--state-dir")
     ap.add_argument("--ignore-term", action="store_true")
     ap.add_argument("--exit-code", type=int)
     opts = ap.parse_args(argv)
