@@ -203,6 +203,19 @@ def logs(app, node, process, stderr, follow, tail, as_json, state_dir, endpoint,
         pass
 
 
+@main.command()
+@_manager_options
+def services(as_json, state_dir, endpoint, timeout):
+    """TACC services: workers and caches per node, queues, recent spawns and reaps."""
+    res = _call(_endpoint(endpoint, state_dir), "services", timeout=timeout)
+    if as_json:
+        _echo_json(res)
+        return
+    from tools.render_apps import format_services
+
+    click.echo(format_services(res), nl=False)
+
+
 def _simple(cmd: str, verb: str):
     @_manager_options
     @click.argument("app")

@@ -451,10 +451,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.count < 1:
         parser.error("--count must be >= 1")
     status = asyncio.run(run_tour(args.count))
-    from tools import demo_apps, demo_cluster
+    from tools import demo_apps, demo_cluster, demo_transend
 
     status = status or demo_cluster.run()
-    return status or demo_apps.run()
+    status = status or demo_apps.run()
+    return status or demo_transend.run()
 
 
 if __name__ == "__main__":

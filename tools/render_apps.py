@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["format_progress", "format_summary", "format_apps", "format_app_status", "format_logs",
+__all__ = ["format_services", "format_progress", "format_summary", "format_apps", "format_app_status", "format_logs",
            "next_offsets", "format_done"]
 
 BAR = 24
@@ -127,4 +127,31 @@ def format_done(res: dict, verb: str) -> str:
         out.append(f"{m['node']}: did not answer ({m['reason']})")
     if not out:
         out.append(f"{res['app']}: nothing to do")
+    return "\n".join(out) + "\n"
+
+
+def format_services(res: dict, events: int = 10) -> str:
+    """``bus-ctl services``: per service, its instances with queues, then recent spawns and reaps."""
+    out = []
+    for svc in res.get("services", []):
+        out.append(f"service {svc['name']} (app {svc['app']})")
+        for c in svc.get("classes", []):
+            out.append(f"  {c['worker']}: min {c['min']} max {c['max'] or '-'} H {c['high_water']:g}"
+                       f"{'  pending ' + ', '.join(c['pending']) if c['pending'] else ''}  ({c['decision']})")
+        out.append(f"  {'INSTANCE':<34} {'NODE':<8} {'QUEUE':>5} {'BUSY':>4} {'SMOOTHED':>8} {'COST ms':>8} "
+                   f"{'DONE':>6} {'CRASHES':>7}")
+        for i in svc.get("instances", []):
+            flag = " (overflow)" if i.get("overflow") else ""
+            if i.get("cache"):
+                out.append(f"  {i['id']:<34} {i['node']:<8} cache: {i.get('bytes', 0)} bytes, "
+                           f"{i.get('hits', 0)} hits, {i.get('misses', 0)} misses")
+                continue
+            out.append(f"  {i['id']:<34} {i['node']:<8} {i['q']:>5} {i['busy']:>4} {i['smoothed']:>8.2f} "
+                       f"{i['cost'] * 1000:>8.1f} {i.get('done', 0):>6} {i.get('crashes', 0):>7}{flag}")
+    if not res.get("services"):
+        out.append("no services running")
+    recent = [e for e in res.get("events", []) if e["kind"] in ("spawn", "reap", "lost", "failed")][-events:]
+    if recent:
+        out.append("recent:")
+        out.extend(f"  {e['kind']:<6} {e['detail']}" for e in recent)
     return "\n".join(out) + "\n"

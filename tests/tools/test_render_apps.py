@@ -49,3 +49,26 @@ def test_done_lists_failures_and_gaps() -> None:
     assert format_done(res, "stopped").splitlines() == ["x: stopped on 1 node(s)", "b: failed: no",
                                                         "c: did not answer (timed out)"]
     assert format_done({"app": "x", "done": [], "failed": {}, "missing": []}, "cleaned") == "x: nothing to do\n"
+
+
+def test_services_table_and_events() -> None:
+    from tools.render_apps import format_services
+
+    res = {"services": [{"name": "tr", "app": "tr", "classes": [
+        {"worker": "distill", "min": 1, "max": 4, "high_water": 2.0, "pending": [], "decision": "queue 0.50 <= H 2"}],
+        "instances": [
+            {"id": "tr/distill@w1#1", "w": "distill", "node": "w1", "cache": False, "overflow": False, "q": 3,
+             "busy": 1, "smoothed": 3.5, "cost": 0.021, "done": 40, "crashes": 1},
+            {"id": "tr/distill@o1#5", "w": "distill", "node": "o1", "cache": False, "overflow": True, "q": 0,
+             "busy": 0, "smoothed": 0.0, "cost": 0.02, "done": 2},
+            {"id": "tr/cache@w1#2", "w": "cache", "node": "w1", "cache": True, "bytes": 900, "hits": 5, "misses": 2}]}],
+        "events": [{"kind": "spawn", "detail": "tr/distill@o1#5 (overflow): queue 3.50 > H 2"},
+                   {"kind": "registered", "detail": "x"}]}
+    lines = format_services(res).splitlines()
+    assert lines[0] == "service tr (app tr)"
+    assert "distill: min 1 max 4 H 2  (queue 0.50 <= H 2)" in lines[1]
+    row = next(line for line in lines if line.strip().startswith("tr/distill@w1#1"))
+    assert row.split() == ["tr/distill@w1#1", "w1", "3", "1", "3.50", "21.0", "40", "1"]
+    assert any(line.endswith("(overflow)") for line in lines)
+    assert "cache: 900 bytes, 5 hits, 2 misses" in "\n".join(lines)
+    assert lines[-2:] == ["recent:", "  spawn  tr/distill@o1#5 (overflow): queue 3.50 > H 2"]
