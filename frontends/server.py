@@ -47,6 +47,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import re
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Awaitable, Callable
@@ -118,6 +119,9 @@ def _alias_key(kind: str, urls: list[str]) -> str:
 
 def _original_key(url: str) -> str:
     return "o:" + _digest(url)
+
+
+_WORKER_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
 @dataclass(frozen=True)
@@ -483,7 +487,13 @@ class FrontEnd:
             raise _http_error(400, "give exactly one url parameter: /distill?url=http://ORIGIN/PATH\n")
         url = self._allowed(urls[0])
         params = self._params(DistillParams, _DISTILL_QUERY, await self._profile(self._user(request)), request)
-        key = result_key("distill", [url], params)
+        # ?worker=NAME picks another transformation class of the service, e.g. a pipeline
+        # "grey | distill" declared as its own <worker> in the spec.
+        worker = request.query.get("worker") or self.config.distill_worker
+        if worker is not None and not _WORKER_NAME.fullmatch(worker):
+            self._c["bad_requests"] += 1
+            raise _http_error(400, "worker must be a worker class name of the service (letters, digits, _ . -)\n")
+        key = result_key("distill" if worker == self.config.distill_worker else f"distill:{worker}", [url], params)
         hit = await self.cache.get(key)
         if hit is not None:
             return self._answer(hit.data, hit.content_type, cache="hit")
@@ -492,7 +502,7 @@ class FrontEnd:
         except _OriginError as e:
             raise _http_error(e.status, e.text) from None
         return await self._dispatch(key, _alias_key("distill", [url]), [original.data], params, TRANSFORMATION,
-                                    self.config.distill_worker, original)  # fmt: skip
+                                    worker, original)  # fmt: skip
 
     async def handle_sheet(self, request: web.Request) -> web.Response:
         """``GET /sheet?url=..&url=..``: a contact sheet (aggregation) of several images."""

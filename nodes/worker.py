@@ -296,7 +296,32 @@ class WorkerProcess:
 
 
 def load_callable(spec: str):
-    """Import ``module:function`` (dots allowed after the colon) and return the callable."""
+    """Import ``module:function`` (dots allowed after the colon) and return the callable.
+
+    ``"a:f | b:g | c:h"`` is a pipeline, as in a Unix shell: each stage's result
+    (its data and content type) is the next stage's input, every stage gets the
+    request's params, and the answer carries each stage's info under ``stages``.
+    The first stage may be an aggregation; the others are transformations.
+    """
+    if "|" in spec:
+        stages = [load_callable(part.strip()) for part in spec.split("|")]
+        names = [part.strip() for part in spec.split("|")]
+
+        def pipeline(request):
+            infos = []
+            out = None
+            for i, fn in enumerate(stages):
+                if i:
+                    data, ct, info = _result(out, p.MAX_FRAME)
+                    infos.append(info)
+                    request = {"params": request.get("params") or {}, "data": data, "content_type": ct}
+                out = fn(request)
+            data, ct, info = _result(out, p.MAX_FRAME)
+            infos.append(info)
+            return {"data": data, "content_type": ct,
+                    "info": {**info, "stages": [{"stage": n, **inf} for n, inf in zip(names, infos)]}}
+
+        return pipeline
     module, sep, attr = spec.partition(":")
     if not sep or not module or not attr:
         raise ValueError(f"a worker callable is named 'module:function', not {spec!r}")

@@ -779,3 +779,23 @@ def test_overhead_against_direct_calls(factory, arun):
     print(f"tiny tasks queued {n_tiny} deep on one worker instance: {1 / burst[0]:.0f} req/s, "
           f"{burst[1] * 1e6:.0f} us CPU per request in this process (client + stub)")
     assert tiny_out > 0 and img_out > 0
+
+
+def test_a_pipeline_chains_stages_like_a_shell_pipe():
+    """``a | b``: the grey stage's PNG is the distiller's input; both stages' info come back."""
+    import io
+
+    from PIL import Image
+
+    from nodes.worker import load_callable
+    from tools.imagegen import make_image
+
+    data = make_image(5, 0)[1]
+    fn = load_callable("examples.transend.filters:grayscale_worker | examples.transend.distill:distill_worker")
+    out = fn({"data": data, "params": {"max_width": 120, "format": "jpeg"}})
+    img = Image.open(io.BytesIO(out["data"]))
+    assert out["content_type"] == "image/jpeg" and img.mode == "L" and img.width <= 120
+    assert [s["stage"] for s in out["info"]["stages"]] == ["examples.transend.filters:grayscale_worker",
+                                                           "examples.transend.distill:distill_worker"]
+    with pytest.raises(ValueError):
+        load_callable("examples.transend.filters:grayscale_worker | not-a-callable")

@@ -83,12 +83,13 @@ def test_transend_deploy_distill_cache_profiles_spawn_and_cleanup(state_dir, tmp
     fe = f"http://127.0.0.1:{port}"
     wait_for(lambda: _get(fe + "/health")[0] == 200, timeout=20)
     # The front end knows the workers from the manager's beacon (until then it answers approximately).
-    wait_for(lambda: json.loads(_get(fe + "/stats")[2])["beacons"]["workers"] >= 2, timeout=10)
+    wait_for(lambda: json.loads(_get(fe + "/stats")[2])["beacons"]["workers"] >= 3, timeout=10)
 
     with CtlClient(mgr["control"], timeout=10) as client:
         svc = _services(client)
         kinds = sorted((i["w"], i["cache"]) for i in svc["instances"])
         assert kinds.count(("cache", True)) == 2 and ("distill", False) in kinds and ("sheet", False) in kinds
+        assert ("grey", False) in kinds
         assert not any(i["overflow"] for i in svc["instances"])  # overflow only when the main pool is full
 
         jpeg = next(m for m in manifest if m["name"].endswith(".jpg"))
@@ -115,6 +116,12 @@ def test_transend_deploy_distill_cache_profiles_spawn_and_cleanup(state_dir, tmp
         names = [m["name"] for m in manifest[:3]]
         status, headers, body = _get(f"{fe}/sheet?" + "&".join(f"url={origin_url}/{n}" for n in names))
         assert status == 200 and Image.open(io.BytesIO(body)).width > 0
+
+        # A pipeline worker class ("grey | distill", like a shell pipe), picked with ?worker=.
+        status, headers, body = _get(f"{fe}/distill?url={origin_url}/{jpeg['name']}&w=150&worker=grey")
+        assert status == 200 and "X-SNS-Approximate" not in headers, headers
+        grey = Image.open(io.BytesIO(body))
+        assert grey.mode == "L" and grey.width <= 150
 
         # A non-allowed origin is refused (no fetch from anywhere else).
         status, _, body = _get(f"{fe}/distill?url=http://10.0.0.1/x.jpg")
