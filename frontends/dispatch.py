@@ -233,6 +233,7 @@ class BeaconClient:
         self._stale_timer: asyncio.TimerHandle | None = None
         self._was_stale = True
         self._last_error: str | None = None
+        self.restart_info: dict | None = None  # how the manager was started (see frontends.peers)
         self._c = dict.fromkeys(("beacons", "subscribes", "replies", "refused", "malformed", "foreign",
                                  "unexpected", "seq_regress", "reopened", "went_stale",
                                  "listener_errors"), 0)  # fmt: skip
@@ -375,6 +376,8 @@ class BeaconClient:
         if isinstance(body, dict) and body.get("ok"):
             self._last_error = None
             result = body.get("result")
+            if isinstance(result, dict) and isinstance(result.get("restart"), dict):
+                self.restart_info = result["restart"]
             # A manager may answer the subscription with the current table.
             if isinstance(result, dict) and "workers" in result:
                 self._on_beacon(result)

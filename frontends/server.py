@@ -152,6 +152,8 @@ class FrontEndConfig:
     stale_after: float = 3.0
     distill_worker: str | None = None  # a worker name; None: any transformation worker
     sheet_worker: str | None = None  # a worker name; None: any aggregation worker
+    restart_manager: bool = True  # process peers: restart the manager when it is dead (same host only)
+    manager_grace: float = 5.0  # seconds without a beacon before the manager counts as dead
 
     def __post_init__(self):
         try:
@@ -211,6 +213,7 @@ class FrontEnd:
         self._factory: SocketFactory | None = None
         self._loop: PlaneLoop | None = None
         self.beacons: BeaconClient | None = None
+        self.watch = None  # frontends.peers.ManagerWatch: restarts a dead manager (process peers)
         self.plane: DataPlane | None = None
         self.tasks: TaskClient | None = None
         self.cache: CacheClient | None = None
@@ -241,6 +244,11 @@ class FrontEnd:
         self.cache = CacheClient(self.plane, self.beacons, timeout=cfg.cache_timeout)
         await self.plane.start()
         await self.beacons.start()
+        if cfg.restart_manager:
+            from frontends.peers import ManagerWatch
+
+            self.watch = ManagerWatch(self.beacons, grace=cfg.manager_grace)
+            self.watch.start()
         if cfg.profiles:
             self._profiles = await asyncio.to_thread(SQLiteProfileStore, cfg.profiles)
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=cfg.fetch_timeout),
@@ -251,6 +259,9 @@ class FrontEnd:
 
     async def stop(self) -> None:
         """Cancel background work and close every socket, session and file (idempotent)."""
+        if self.watch is not None:
+            await self.watch.stop()
+            self.watch = None
         tasks = list(self._background)
         for task in tasks:
             task.cancel()
@@ -549,6 +560,8 @@ class FrontEnd:
         return {
             "uptime": self._clock() - self._started,
             "frontend": dict(self._c),
+            "peers": {"manager_restarts": self.watch.restarts, "reason": self.watch.last_reason}
+            if self.watch is not None else {},
             "tasks": dict(self.tasks.statistics()),
             "cache": dict(self.cache.statistics()),
             "beacons": dict(self.beacons.statistics()),

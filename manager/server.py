@@ -12,6 +12,8 @@ import asyncio
 import json
 import logging
 import os
+import socket
+import sys
 import time
 from pathlib import Path
 
@@ -89,10 +91,23 @@ class Manager:
             self.chunks.set_upstream(None)
             self.apps.resume()
         self._ticker = asyncio.get_running_loop().create_task(self._tick_forever())
+        self.restart_info = self._restart_info()
         self._write_state()
         log.info("manager up: control %s, data %s, epoch %d, max_children %d, policy %s",
                  self.link.control_endpoint, self.link.data_endpoint, self.root.epoch,
                  self.config.max_children, self.config.policy)
+
+    def _restart_info(self) -> dict | None:
+        """How to start this manager again (front ends restart it: process peers), when it runs as
+        ``python -m manager``; None when embedded in another program (tests)."""
+        main = sys.modules.get("__main__")
+        spec = getattr(main, "__spec__", None)
+        if spec is None or spec.name not in ("manager.__main__", "manager"):
+            return None
+        log_file = None
+        if self.state_dir is not None:
+            log_file = str((self.state_dir / "logs" / "manager.log").resolve())
+        return {"argv": list(sys.orig_argv), "cwd": os.getcwd(), "host": socket.gethostname(), "log": log_file}
 
     def _write_state(self) -> None:
         if self.state_dir is None:

@@ -190,7 +190,11 @@ class ServiceManager:
             # Soft state: the front end keeps renewing; beacons start once the service runs.
             self.counters["subscribe_unknown"] += 1
         self.subscribers[identity] = (svc, self.clock() + SUBSCRIPTION_TTL)
-        return {"svc": svc, "known": svc in self.services, "interval": self.beacon_interval}
+        out = {"svc": svc, "known": svc in self.services, "interval": self.beacon_interval}
+        restart = getattr(self.mgr, "restart_info", None)
+        if restart:
+            out["restart"] = restart  # process peers: front ends restart a dead manager with this
+        return out
 
     def beacon(self, name: str) -> dict:
         svc = self.services.get(name)
