@@ -82,7 +82,8 @@ MAX_PUT_PEERS = 32  # data DEALERs kept open to other nodes' cache instances
 PUT_BACKLOG = 64  # results waiting per peer for its DEALER to connect or drain
 PUT_PATIENCE, PUT_RETRY = 2.0, 0.005  # seconds a result may wait to leave, and between tries
 
-_CALLABLE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*(\s*\|\s*[A-Za-z_][\w.]*:[A-Za-z_][\w.]*)*$")  # a | b: pipeline
+_STAGE = r"(?:entrypoint:[\w.-]+|[A-Za-z_][\w.]*:[A-Za-z_][\w.]*)"
+_CALLABLE = re.compile(rf"^{_STAGE}(\s*\|\s*{_STAGE})*$")  # module:function, entrypoint:NAME, a | b
 
 
 class _StartFailed(Exception):

@@ -66,6 +66,7 @@ __all__ = [
 TRANSFORMATION = "transformation"
 AGGREGATION = "aggregation"
 KINDS = (TRANSFORMATION, AGGREGATION)
+ENTRY_POINT_GROUP = "snsbus.workers"  # callable="entrypoint:NAME" loads a worker registered there
 
 _U32 = struct.Struct("<I")
 MAX_FRAMES = p.MAX_EXTRA + 1  # a body and the extra frames of one bus message
@@ -322,6 +323,20 @@ def load_callable(spec: str):
                     "info": {**info, "stages": [{"stage": n, **inf} for n, inf in zip(names, infos)]}}
 
         return pipeline
+    if spec.startswith("entrypoint:"):
+        # A callable registered by an installed package under the "snsbus.workers" group.
+        from importlib.metadata import entry_points
+
+        name = spec.removeprefix("entrypoint:")
+        found = entry_points(group=ENTRY_POINT_GROUP, name=name)
+        if not found:
+            known = sorted(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP))
+            raise LookupError(f"no worker {name!r} in the {ENTRY_POINT_GROUP!r} entry points; "
+                              f"installed: {', '.join(known) or 'none'}")
+        obj = next(iter(found)).load()
+        if not callable(obj):
+            raise TypeError(f"{spec} is a {type(obj).__name__}, not a callable")
+        return obj
     module, sep, attr = spec.partition(":")
     if not sep or not module or not attr:
         raise ValueError(f"a worker callable is named 'module:function', not {spec!r}")

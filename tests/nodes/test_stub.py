@@ -799,3 +799,13 @@ def test_a_pipeline_chains_stages_like_a_shell_pipe():
                                                            "examples.transend.distill:distill_worker"]
     with pytest.raises(ValueError):
         load_callable("examples.transend.filters:grayscale_worker | not-a-callable")
+
+
+def test_workers_registered_as_entry_points_load_by_name():
+    from nodes.worker import load_callable
+
+    from examples.transend.distill import contact_sheet_worker
+
+    assert load_callable("entrypoint:contact-sheet") is contact_sheet_worker
+    with pytest.raises(LookupError, match="no worker 'nope' in the 'snsbus.workers' entry points; installed: "):
+        load_callable("entrypoint:nope")
