@@ -212,6 +212,18 @@ async def cmd_services(mgr, args: dict) -> dict:
     return mgr.services.status()
 
 
+@command
+async def cmd_svc_enable(mgr, args: dict) -> dict:
+    """``svc_enable`` {svc, worker, enabled: bool} -> {svc, worker, enabled}: disable a TACC worker class
+    (its instances are reaped and none is spawned) or enable it again."""
+    if not isinstance(args.get("enabled"), bool):
+        raise CommandError(BAD_ARGS, "enabled must be true or false")
+    try:
+        return mgr.services.set_enabled(str(args.get("svc")), str(args.get("worker")), args["enabled"])
+    except LookupError as e:
+        raise CommandError(BAD_ARGS, str(e).strip('"')) from None
+
+
 async def _sync(fn, *a):
     return fn(*a)
 

@@ -61,6 +61,7 @@ class _Class:
     calm: float | None = None
     pending: dict = field(default_factory=dict)  # id -> (node, started)
     decision: str = ""
+    enabled: bool = True  # an operator can disable a class (the monitor): no spawns, instances reaped
 
 
 @dataclass
@@ -277,7 +278,27 @@ class ServiceManager:
         live = self._live()
         return [n for n in nodes if n in live and self._load_of(n) < svc.spec.slots]
 
+    def set_enabled(self, svc: str, worker: str, enabled: bool) -> dict:
+        """Disable a worker class (its instances are reaped, none is spawned) or enable it again."""
+        s = self.services.get(svc)
+        if s is None or worker not in s.classes:
+            known = {n: sorted(x.classes) for n, x in self.services.items()}
+            raise LookupError(f"no worker class {worker!r} in service {svc!r}; known: {known}")
+        cls = s.classes[worker]
+        if cls.enabled != enabled:
+            cls.enabled = enabled
+            self._event("enabled" if enabled else "disabled", svc, f"worker class {worker} by the operator")
+            if not enabled:
+                for inst in self._of(svc, worker):
+                    self._reap(s, inst.id, "its class was disabled by the operator")
+        return {"svc": svc, "worker": worker, "enabled": cls.enabled}
+
     def _scale(self, svc: _Service, cls: _Class, now: float) -> None:
+        if not cls.enabled:
+            cls.decision = "disabled by the operator"
+            for inst in self._of(svc.name, cls.spec.name):  # e.g. reported again after a restart
+                self._reap(svc, inst.id, "its class is disabled")
+            return
         comp = cls.spec.component
         workers = self._of(svc.name, cls.spec.name)
         main_free = self._free(svc, svc.main.get(comp, []))
@@ -377,7 +398,8 @@ class ServiceManager:
             rows = sorted((i for i in self.instances.values() if i.svc == svc.name), key=lambda i: i.id)
             out.append({
                 "name": svc.name, "app": svc.app,
-                "classes": [{"worker": c.spec.name, "min": c.config.minimum, "max": c.config.maximum,
+                "classes": [{"worker": c.spec.name, "enabled": c.enabled, "min": c.config.minimum,
+                             "max": c.config.maximum,
                              "high_water": c.config.high_water, "pending": sorted(c.pending),
                              "decision": c.decision} for c in svc.classes.values()],
                 "instances": [{"id": i.id, "w": i.w, "node": i.node, "cache": i.cache, "overflow": i.overflow,

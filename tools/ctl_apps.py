@@ -216,6 +216,25 @@ def services(as_json, state_dir, endpoint, timeout):
     click.echo(format_services(res), nl=False)
 
 
+def _toggle(enabled: bool):
+    @_manager_options
+    @click.argument("service")
+    @click.argument("worker")
+    def command(service, worker, as_json, state_dir, endpoint, timeout):
+        res = _call(_endpoint(endpoint, state_dir), "svc_enable",
+                    {"svc": service, "worker": worker, "enabled": enabled}, timeout=timeout)
+        if as_json:
+            _echo_json(res)
+        else:
+            click.echo(f"{service}/{worker}: {'enabled' if res['enabled'] else 'disabled'}")
+    return command
+
+
+main.command("disable", help="Disable a worker class of a service: its workers are reaped, none spawned.")(
+    _toggle(False))
+main.command("enable", help="Enable a worker class of a service again.")(_toggle(True))
+
+
 def _simple(cmd: str, verb: str):
     @_manager_options
     @click.argument("app")

@@ -143,3 +143,26 @@ def test_bad_reports_are_counted_and_dropped(bad):
     sm, mgr, clock = make()
     sm.on_report(bad)
     assert sm.counters["reports_bad"] == 1 and sm.instances == {}
+
+
+def test_a_disabled_class_is_reaped_and_not_spawned_until_enabled():
+    sm, mgr, clock = make()
+    sm.on_report(report("a", [row("tr/distill@a#1", q=9), row("tr/cache@a#2", cache=True)]))
+
+    async def disable():
+        out = sm.set_enabled("tr", "distill", False)
+        await asyncio.gather(*sm._tasks)
+        return out
+
+    assert asyncio.run(disable()) == {"svc": "tr", "worker": "distill", "enabled": False}
+    assert [args["id"] for _, op, args in mgr.calls if op == "svc.reap"] == ["tr/distill@a#1"]
+    mgr.calls.clear()
+    clock.t += 5
+    run_tick(sm)  # below the minimum: still nothing, the class is off
+    assert not [c for c in mgr.calls if c[1] == "svc.spawn"]
+    assert sm.status()["services"][0]["classes"][0]["enabled"] is False
+    sm.set_enabled("tr", "distill", True)
+    run_tick(sm)
+    assert [node for node, op, _ in mgr.calls if op == "svc.spawn"] == ["a"]
+    with pytest.raises(LookupError, match="no worker class 'nope'"):
+        sm.set_enabled("tr", "nope", False)
