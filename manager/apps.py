@@ -103,7 +103,91 @@ class AppController:
                 rec["resumed"] = True
                 self._start(rec)
 
+    def start_watch(self, interval: float = 1.0, grace: float = 3.0) -> None:
+        """Heal running applications: a node of theirs that died is replaced by a spare (below)."""
+        self._heal_grace = grace
+        # After a (re)start the nodes need a moment to re-register: none of them is judged gone before.
+        self._watch_from = time.monotonic() + max(10.0, 3 * grace)
+        self._watch = asyncio.get_running_loop().create_task(self._watch_forever(interval))
+
+    async def _watch_forever(self, interval: float) -> None:
+        lost_since: dict[str, float] = {}
+        while True:
+            await asyncio.sleep(interval)
+            if time.monotonic() < self._watch_from:
+                continue
+            try:
+                alive = {m.name for m in self.mgr.membership.alive()}
+                now = time.monotonic()
+                for rec in list(self.records.values()):
+                    if rec["phase"] != RUNNING or rec["name"] in self._tasks:
+                        continue
+                    for comp, names in rec["assignment"].items():
+                        for node in list(names):
+                            if node in alive:
+                                lost_since.pop(node, None)
+                                continue
+                            since = lost_since.setdefault(node, now)
+                            if now - since >= self._heal_grace:
+                                lost_since.pop(node, None)
+                                self._tasks[rec["name"]] = asyncio.get_running_loop().create_task(
+                                    self._heal(rec, comp, node))
+                                break
+            except Exception:  # a bug here must not stop the watch
+                log.exception("application watch failed")
+
+    async def _heal(self, rec: dict, comp: str, node: str) -> None:
+        """Put ``comp``'s part of a running app back on a spare node: install, then its process blocks."""
+        try:
+            app = parse(rec["spec"], rec["spec_file"])
+            resources = parse_directory(rec["resources"], rec["resources_file"])
+            packages = {tuple(k.split("\0", 1)): v for k, v in rec["packages"].items()}
+            ctx = _Context(self, rec, app, resources, packages)
+            live = [m.name for m in self.mgr.membership.alive() if m.name]
+            used = plan.used_nodes(rec["assignment"]) | set(rec["replaced"])
+            spare = plan.spare_for(app.component_named(comp), resources, live, used)
+            if spare is None:
+                self._event(rec, f"node {node} of {comp!r} is gone and no spare node matches: running without it")
+                rec["assignment"][comp] = [n for n in rec["assignment"][comp] if n != node]
+                self._save(rec)
+                return
+            names = rec["assignment"][comp]
+            names[names.index(node)] = spare
+            rec["replaced"][node] = spare
+            self._event(rec, f"node {node} ({comp}) is gone: healing on spare {spare}")
+            self._save(rec)
+            steps = []
+            if app.component_named(comp).software:
+                steps.append(("app.prepare", {"app": app.name, "software": plan.software_of(app, comp, packages)},
+                              120.0 + sum(s.install_timeout or 300.0 for s in app.software)))
+            for cb in app.blocks:
+                if cb.component != comp:
+                    continue
+                for b in cb.blocks:
+                    if isinstance(b, ProcessBlock):
+                        procs = [plan.process_def(p, b.name) for p in b.processes]
+                        budget = max([p.run_timeout or 0.0 for p in b.processes] + [0.0]) + 30.0
+                        steps.append(("app.run", {"app": app.name, "gen": rec["gen"], "block": b.name,
+                                                  "processes": procs}, min(budget, rec["timeout"])))
+            for op, args, budget in steps:
+                answered, failed, lost = await ctx._try([spare], op, args, budget)
+                if not answered:
+                    why = failed.get(spare) or lost.get(spare, "did not answer")
+                    self._event(rec, f"healing {comp!r} on {spare} failed ({op}): {why}")
+                    rec["error"] = f"healing {comp!r} on {spare} failed: {why}"
+                    self._save(rec)
+                    return
+            self._event(rec, f"healed: {comp!r} runs on {spare} in place of {node}")
+            self._save(rec)
+        finally:
+            if self._tasks.get(rec["name"]) is asyncio.current_task():
+                self._tasks.pop(rec["name"], None)
+
     async def close(self) -> None:
+        watch = getattr(self, "_watch", None)
+        if watch is not None:
+            watch.cancel()
+            await asyncio.gather(watch, return_exceptions=True)
         for t in self._tasks.values():
             t.cancel()
         await asyncio.gather(*self._tasks.values(), return_exceptions=True)

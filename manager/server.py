@@ -90,6 +90,7 @@ class Manager:
             self.chunks.serve(self.link)
             self.chunks.set_upstream(None)
             self.apps.resume()
+            self.apps.start_watch(grace=max(2.0, 3 * self.config.heartbeat * self.config.misses))
         self._ticker = asyncio.get_running_loop().create_task(self._tick_forever())
         self.restart_info = self._restart_info()
         self._write_state()

@@ -346,3 +346,23 @@ def test_logs_follow_streams_new_output(state_dir, manager, tmp_path):
     assert all(line.startswith("f1 tick| tick ") for line in lines), lines
     assert ticks == list(range(ticks[0], ticks[0] + 6))  # in order, nothing repeated or skipped
     _cli("cleanup", "ticker", "--state-dir", state_dir)
+
+
+def test_running_app_heals_a_dead_node_on_a_spare(state_dir, manager, tmp_path):
+    """The manager restarts what a dead node ran (e.g. a front end) on a spare matching node."""
+    d = _directory(tmp_path / "dir.xml", ["h1", "h2"])
+    svc = tmp_path / "svc.xml"
+    svc.write_text(RESTARTS.format(name="heal", process="""
+      <process name="daemon" wait="start"><path>sleep</path><cmdline><arg>300</arg></cmdline></process>"""))
+    prog = _json("deploy", svc, "-r", d, "--state-dir", state_dir)
+    assert prog["phase"] == "running" and prog["assignment"] == {"c": ["h1"]}
+    old = _procs(_json("status", "heal", "--state-dir", state_dir))[("h1", "daemon")]["pid"]
+    assert cluster.kill_node(_node_pid(state_dir, "h1"), state_dir=state_dir)
+    with CtlClient(manager["control"]) as client:
+        prog = wait_for(lambda: (lambda p: p if p["assignment"] == {"c": ["h2"]} and any(
+            "healed" in e[1] for e in p["events"]) else None)(client.call("progress", app="heal")), timeout=30)
+    assert prog["replaced"] == {"h1": "h2"} and prog["phase"] == "running"
+    daemon = _procs(_json("status", "heal", "--state-dir", state_dir))[("h2", "daemon")]
+    assert daemon["state"] == "running" and daemon["pid"] != old
+    os.kill(old, 9)  # the killed node's own process group is gone; its app process survived it
+    _cli("cleanup", "heal", "--state-dir", state_dir)
