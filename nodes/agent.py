@@ -8,6 +8,7 @@ ticker; each has its own sockets, identity and place in the tree
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import os
 import random
@@ -22,11 +23,22 @@ from bus.policy import TreeConfig
 from bus.tree import ATTACHED, TreeNode
 from nodes.apps import APP_HANDLERS, AppHost
 from nodes.ops import HANDLERS
-from nodes.stub import SVC_HANDLERS
 
 __all__ = ["NodeHost"]
 
-_HANDLERS = {**HANDLERS, **APP_HANDLERS, **SVC_HANDLERS}
+def _svc_op(name: str):
+    """A ``svc.*`` operation that imports the worker stub on first use (most nodes never host workers)."""
+    async def op(node, args, budget):
+        from nodes.stub import SVC_HANDLERS
+
+        value = SVC_HANDLERS[name](node, args, budget)
+        return await value if inspect.isawaitable(value) else value
+    op.__name__ = name.replace(".", "_")
+    return op
+
+
+_SVC_OPS = ("svc.spawn", "svc.reap", "svc.cache", "svc.list", "svc.stop")
+_HANDLERS = {**HANDLERS, **APP_HANDLERS, **{name: _svc_op(name) for name in _SVC_OPS}}
 
 
 def _new_stub(node, link):

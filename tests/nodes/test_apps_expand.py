@@ -23,3 +23,15 @@ def test_set_substitutes_xml_escaped_values_and_leaves_the_rest():
         apply_sets(spec, ["no-equals"])
     with pytest.raises(click.BadParameter):
         apply_sets(spec, ["BAD KEY=1"])
+
+
+def test_bus_node_does_not_import_the_worker_stub_until_a_service_needs_it():
+    """RSS budget: most nodes never host workers, so nodes.stub is imported on first use."""
+    import subprocess
+    import sys
+
+    code = ("import sys, nodes.agent; from nodes.stub import SVC_HANDLERS; "
+            "assert set(nodes.agent._SVC_OPS) == set(SVC_HANDLERS)")
+    check = "import sys, nodes.agent; print('nodes.stub' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", check], capture_output=True, text=True).stdout.strip() == "False"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
