@@ -5,8 +5,10 @@ Example (the TranSend demo)::
     python -m frontends --manager tcp://127.0.0.1:7070 --service transend --port 8080 \\
         --profiles profiles.db --origin http://127.0.0.1:8000 --timeout 3
 
-SIGTERM/SIGINT stop it cleanly (exit 0); a port already in use exits 1.
-Logs go to stderr.
+SIGTERM/SIGINT stop it cleanly (exit 0); a port already in use exits 1; a bad
+flag or configuration exits 2.  Logs go to stderr (``--log-format json``: one
+JSON object per line).  Every option's default comes from ``[frontend]`` of
+snsbus.toml and then from ``SNSBUS_FRONTEND_<KEY>`` (see :mod:`bus.config`).
 """
 
 from __future__ import annotations
@@ -15,8 +17,11 @@ import sys
 
 import click
 
+from bus.config import daemon_options
+
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@daemon_options("frontend")
 @click.option("--manager", required=True, help="The manager's control endpoint, e.g. tcp://127.0.0.1:7070.")
 @click.option("--service", default="transend", show_default=True, help="The service whose beacons to follow.")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
@@ -40,17 +45,17 @@ import click
 @click.option("--log-level", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
 def main(manager, service, host, port, profiles, origins, timeout, attempt_timeout, attempts, max_queue,
-         fetch_timeout, max_original, access_log, log_level):  # fmt: skip
+         fetch_timeout, max_original, access_log, log_level, log_format):  # fmt: skip
     """Serve /distill, /sheet, /health and /stats for SERVICE, dispatching to its workers."""
     import asyncio
     import logging
     import signal
 
+    from bus import logs
     from bus.planes import SocketSetupError
     from frontends.server import FrontEndConfig, serve
 
-    logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s frontend[%(process)d] %(name)s: %(message)s")  # fmt: skip
+    logs.setup("frontend", log_level, log_format)
     extra = {} if max_original is None else {"max_original": max_original}
     try:
         config = FrontEndConfig(manager=manager, service=service, origins=tuple(origins), profiles=profiles,

@@ -2,7 +2,11 @@
 
 ``bus-ctl up`` starts it in the background; operators may run it directly
 (e.g. from a systemd unit).  SIGTERM/SIGINT stop it cleanly (exit 0); a bind
-failure exits 1.
+failure exits 1; a bad flag or configuration exits 2.
+
+Every option's default comes from ``[manager]`` of snsbus.toml and then from
+``SNSBUS_MANAGER_<KEY>`` (see :mod:`bus.config`); ``--xmlrpc`` serves the
+XML-RPC API (:mod:`manager.xmlrpc`).
 """
 
 from __future__ import annotations
@@ -11,12 +15,43 @@ import sys
 
 import click
 
+from bus.config import daemon_options
 from bus.policy import POLICIES, TreeConfig
 
 _DEFAULTS = TreeConfig()
 
 
+def _xmlrpc_address(xmlrpc, allow_remote, token_file):
+    """(host, port, token) for the XML-RPC API, or None when it is off; usage errors name the flag."""
+    if not xmlrpc:
+        return None
+    from manager.xmlrpc import XmlRpcError, is_loopback, parse_address
+
+    try:
+        host, port = parse_address(xmlrpc)
+    except XmlRpcError as e:
+        raise click.BadParameter(str(e), param_hint="--xmlrpc") from None
+    token = None
+    if token_file:
+        try:
+            with open(token_file, encoding="utf-8") as f:
+                token = f.read().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise click.BadParameter(f"cannot read {token_file}: {e}", param_hint="--xmlrpc-token-file") from None
+        if not token:
+            raise click.BadParameter(f"{token_file} is empty", param_hint="--xmlrpc-token-file")
+    if not is_loopback(host):
+        if not allow_remote:
+            raise click.BadParameter(f"{host} is not a loopback address; the XML-RPC API lets anyone who reaches "
+                                     f"it run commands on every node: add --xmlrpc-allow-remote and "
+                                     f"--xmlrpc-token-file to allow it", param_hint="--xmlrpc")
+        if token is None:
+            raise click.BadParameter(f"binding {host} needs a token", param_hint="--xmlrpc-token-file")
+    return host, port, token
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@daemon_options("manager")
 @click.option("--control", default="tcp://127.0.0.1:7070", show_default=True, help="Control endpoint to bind.")
 @click.option("--data", default="tcp://127.0.0.1:0", show_default=True, help="Data endpoint to bind.")
 @click.option("--state-dir", default=None, type=click.Path(file_okay=False), help="Write manager.json here.")
@@ -26,19 +61,27 @@ _DEFAULTS = TreeConfig()
               help="Seconds between heartbeats.")
 @click.option("--misses", type=click.IntRange(1, 100), default=_DEFAULTS.misses, show_default=True,
               help="Silent heartbeats before a peer is dead.")
+@click.option("--xmlrpc", default=None, metavar="[HOST:]PORT",
+              help="Serve the XML-RPC API here (HOST defaults to 127.0.0.1; port 0: any) [default: off].")
+@click.option("--xmlrpc-allow-remote", is_flag=True, default=False,
+              help="Allow --xmlrpc on a non-loopback address (needs --xmlrpc-token-file).")
+@click.option("--xmlrpc-token-file", default=None, type=click.Path(dir_okay=False),
+              help="File with the token XML-RPC clients must send as their HTTP basic-auth password.")
 @click.option("--log-level", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
-def main(control, data, state_dir, max_children, policy, heartbeat, misses, log_level):
+def main(control, data, state_dir, max_children, policy, heartbeat, misses, xmlrpc, xmlrpc_allow_remote,
+         xmlrpc_token_file, log_level, log_format):
     """Run the snsbus manager until SIGTERM/SIGINT or `bus-ctl down`."""
     import asyncio
     import logging
     import signal
 
+    from bus import logs
     from bus.planes import SocketSetupError
     from manager.server import Manager
 
-    logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s manager[%(process)d] %(name)s: %(message)s")
+    rpc_at = _xmlrpc_address(xmlrpc, xmlrpc_allow_remote, xmlrpc_token_file)
+    logs.setup("manager", log_level, log_format)
     config = TreeConfig(max_children=max_children, policy=policy, heartbeat=heartbeat, misses=misses)
 
     async def run() -> int:
@@ -52,9 +95,22 @@ def main(control, data, state_dir, max_children, policy, heartbeat, misses, log_
             logging.getLogger("manager").error("%s", e)
             await mgr.stop()
             return 1
+        rpc = None
+        if rpc_at is not None:
+            from manager.xmlrpc import start_xmlrpc
+
+            host, port, token = rpc_at
+            try:
+                rpc = start_xmlrpc(mgr, host, port, allow_remote=xmlrpc_allow_remote, token=token)
+            except OSError as e:
+                logging.getLogger("manager").error("cannot serve XML-RPC on %s:%d: %s", host, port, e)
+                await mgr.stop()
+                return 1
         try:
             await mgr.wait_stopped()
         finally:
+            if rpc is not None:
+                await rpc.aclose()
             await mgr.stop()
         return 0
 

@@ -1,7 +1,10 @@
 """``bus-node``: the agent that runs on every machine and joins the tree.
 
 Exit codes: 0 stopped by SIGTERM/SIGINT; 1 could not start (e.g. bind failed);
-2 bad usage; 3 did not reach the tree within ``--join-timeout``.
+2 bad usage (or a bad configuration); 3 did not reach the tree within ``--join-timeout``.
+
+Every option's default comes from ``[node]`` of snsbus.toml and then from
+``SNSBUS_NODE_<KEY>`` (see :mod:`bus.config`); ``--join`` may come from there too.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ import socket as _socket
 import sys
 
 import click
+
+from bus.config import daemon_options
 
 __all__ = ["main"]
 
@@ -30,6 +35,7 @@ def _attrs(pairs: tuple[str, ...], group: str | None) -> dict:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@daemon_options("node")
 @click.option("--join", "join", required=True, metavar="tcp://HOST:PORT", help="The manager's control endpoint.")
 @click.option("--name", default=None, help="Node name (default: the host name); NAME-0..NAME-(N-1) with --virtual.")
 @click.option("--virtual", type=click.IntRange(1, 100000), default=1, show_default=True,
@@ -43,7 +49,7 @@ def _attrs(pairs: tuple[str, ...], group: str | None) -> dict:
               help="Where applications live (packages, files, logs); default $SNSBUS_NODE_DIR or ~/.snsbus/node.")
 @click.option("--log-level", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
-def main(join, name, virtual, group, attr, bind_host, advertise, join_timeout, state_dir, log_level):
+def main(join, name, virtual, group, attr, bind_host, advertise, join_timeout, state_dir, log_level, log_format):
     """Join the snsbus tree at JOIN and serve until stopped."""
     # bus-node never speaks TLS (CURVE secures the bus), and asyncio imports
     # ssl only if it can: keeping OpenSSL out saves ~5 MB of RSS per process.
@@ -52,8 +58,9 @@ def main(join, name, virtual, group, attr, bind_host, advertise, join_timeout, s
     import logging
     import signal
 
-    logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s bus-node[%(process)d] %(name)s: %(message)s")
+    from bus import logs
+
+    logs.setup("bus-node", log_level, log_format)
     if not join.startswith("tcp://"):
         raise click.BadParameter("expected tcp://HOST:PORT", param_hint="--join")
     host = join[len("tcp://"):].rsplit(":", 1)[0]

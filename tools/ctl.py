@@ -333,6 +333,7 @@ def exec_(selector, timeout, as_json, endpoint, state_dir, command):
 
 
 from tools import ctl_apps  # noqa: E402,F401  (registers deploy, apps, logs, stop, start, cleanup)
+from tools import ctl_config  # noqa: E402,F401  (registers config show/example, completion; [ctl] defaults)
 
 if __name__ == "__main__":
     # `python -m tools.ctl`: the commands are registered on the importable module's group.
