@@ -106,6 +106,20 @@ SCHEMA: dict[str, tuple[Key, ...]] = {
                                                 "(needs xmlrpc_token_file)"),
         Key("xmlrpc_token_file", str, None, "file holding the XML-RPC token (HTTP basic auth password); "
                                             "unset: no token", example="/etc/snsbus/xmlrpc.token", path=True),
+        Key("monitor_port", int, None, "serve the web monitor and /metrics on this port (0: any); unset: off",
+            example=7080, min=0, max=65535),
+        Key("monitor_host", str, "127.0.0.1", "monitor address; a non-loopback one needs monitor_token_file"),
+        Key("monitor_token_file", str, None, "file with the token monitor readers send (?token= or "
+                                             "Authorization: Bearer); unset: loopback only",
+            example="/etc/snsbus/monitor.token", path=True),
+        Key("monitor_frontend", list, [], "front ends (http://HOST:PORT) whose /stats the monitor polls, besides "
+                                          "those that subscribe to the manager's beacons"),
+        Key("alert_command", str, None, "shell command run per alert: the alert as JSON on stdin, SNSBUS_ALERT_* "
+                                        "in its environment; unset: none", example="/usr/local/bin/page-oncall"),
+        Key("alert_webhook", str, None, "URL each alert is POSTed to as JSON; unset: none",
+            example="http://alerts.example.org/hook"),
+        Key("alert_lost_percent", float, 20.0, "alert when the tree loses more than this share of its nodes",
+            min=0.001, max=100),
         *_logging("manager"),
     ),
     "node": (

@@ -234,6 +234,7 @@ class BeaconClient:
         self._was_stale = True
         self._last_error: str | None = None
         self.restart_info: dict | None = None  # how the manager was started (see frontends.peers)
+        self.http_url: str | None = None  # our HTTP address, told to the manager (its monitor polls /stats)
         self._c = dict.fromkeys(("beacons", "subscribes", "replies", "refused", "malformed", "foreign",
                                  "unexpected", "seq_regress", "reopened", "went_stale",
                                  "listener_errors"), 0)  # fmt: skip
@@ -351,7 +352,10 @@ class BeaconClient:
                         self.svc, self.endpoint, self.age() or 0.0, n)  # fmt: skip
 
     def _subscribe(self) -> None:
-        frames = protocol.encode(MsgType.CTL_REQUEST, {"cmd": "svc_subscribe", "args": {"svc": self.svc}})
+        args = {"svc": self.svc}
+        if self.http_url:
+            args["http"] = self.http_url
+        frames = protocol.encode(MsgType.CTL_REQUEST, {"cmd": "svc_subscribe", "args": args})
         if self._loop.send(self._sock, frames):
             self._c["subscribes"] += 1
 

@@ -44,6 +44,7 @@ CLI (frontends/__main__.py).  Tested in tests/frontends/test_server.py.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import hashlib
 import json
 import logging
@@ -89,6 +90,8 @@ _DISTILL_QUERY = {"w": "max_width", "h": "max_height", "q": "quality", "fmt": "f
 _SHEET_QUERY = {"cols": "columns", "columns": "columns", "thumb": "thumb", "q": "quality", "quality": "quality",
                 "fmt": "format", "format": "format"}  # fmt: skip
 _SERVICE_PATHS = ("/distill", "/sheet")
+#: upper bounds (seconds) of the request latency histogram buckets (one more bucket above the last)
+LATENCY_BOUNDS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
 
 
 def origin_of(url: str | yarl.URL) -> str:
@@ -214,6 +217,8 @@ class FrontEnd:
         self._loop: PlaneLoop | None = None
         self.beacons: BeaconClient | None = None
         self.watch = None  # frontends.peers.ManagerWatch: restarts a dead manager (process peers)
+        self._lat = [0] * (len(LATENCY_BOUNDS) + 1)
+        self._lat_sum = 0.0
         self.plane: DataPlane | None = None
         self.tasks: TaskClient | None = None
         self.cache: CacheClient | None = None
@@ -336,13 +341,24 @@ class FrontEnd:
     @web.middleware
     async def _count_middleware(self, request: web.Request, handler):
         self._c["requests"] += 1
+        timed = request.path in _SERVICE_PATHS
+        t0 = time.perf_counter() if timed else 0.0
         try:
             response = await handler(request)
         except web.HTTPException as e:
             self._c[f"status_{e.status // 100}xx"] += 1
+            if timed:
+                self._observe(time.perf_counter() - t0)
             raise
         self._c[f"status_{response.status // 100}xx"] += 1
+        if timed:
+            self._observe(time.perf_counter() - t0)
         return response
+
+    def _observe(self, seconds: float) -> None:
+        """Service request latency into a histogram (``/stats`` "latency"; the monitor's percentiles)."""
+        self._lat[bisect.bisect_left(LATENCY_BOUNDS, seconds)] += 1
+        self._lat_sum += seconds
 
     @staticmethod
     async def _always_x_cache(request: web.Request, response: web.StreamResponse) -> None:
@@ -560,6 +576,7 @@ class FrontEnd:
         return {
             "uptime": self._clock() - self._started,
             "frontend": dict(self._c),
+            "latency": {"bounds": list(LATENCY_BOUNDS), "counts": list(self._lat), "sum": self._lat_sum},
             "peers": {"manager_restarts": self.watch.restarts, "reason": self.watch.last_reason}
             if self.watch is not None else {},
             "tasks": dict(self.tasks.statistics()),
@@ -585,6 +602,8 @@ async def serve(config: FrontEndConfig, host: str = "127.0.0.1", port: int = 808
             await site.start()
             bound = runner.addresses[0][1] if runner.addresses else port
             log.info("serving %s on http://%s:%d", config.service, host, bound)
+            # Told to the manager with every subscription, so the monitor finds this front end.
+            fe.beacons.http_url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{bound}"
             if ready is not None:
                 ready(bound)
             await stop.wait()

@@ -50,6 +50,29 @@ def _xmlrpc_address(xmlrpc, allow_remote, token_file):
     return host, port, token
 
 
+def _monitor_options(port, host, token_file, frontends, alert_command, alert_webhook, lost_percent):
+    """start_monitor keywords, or None when neither the monitor nor alerts are asked for."""
+    if port is None and not alert_command and not alert_webhook:
+        return None
+    from manager.alerts import AlertConfig, AlertEngine, AlertHooks
+    from manager.monitor import is_loopback
+
+    token = None
+    if token_file:
+        try:
+            with open(token_file, encoding="utf-8") as f:
+                token = f.read().strip() or None
+        except (OSError, UnicodeDecodeError) as e:
+            raise click.BadParameter(f"cannot read {token_file}: {e}", param_hint="--monitor-token-file") from None
+    if not is_loopback(host) and not token:
+        raise click.BadParameter(f"{host} is not a loopback address: the monitor there needs a token",
+                                 param_hint="--monitor-token-file")
+    hooks = AlertHooks(command=alert_command, webhook=alert_webhook) if (alert_command or alert_webhook) else None
+    # Alerts need the monitor's sampler; without --monitor-port it listens on a free loopback port.
+    return {"host": host, "port": port or 0, "token": token, "frontends": tuple(frontends),
+            "alerts": AlertEngine(AlertConfig(lost_percent=lost_percent), hooks)}
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @daemon_options("manager")
 @click.option("--control", default="tcp://127.0.0.1:7070", show_default=True, help="Control endpoint to bind.")
@@ -67,10 +90,24 @@ def _xmlrpc_address(xmlrpc, allow_remote, token_file):
               help="Allow --xmlrpc on a non-loopback address (needs --xmlrpc-token-file).")
 @click.option("--xmlrpc-token-file", default=None, type=click.Path(dir_okay=False),
               help="File with the token XML-RPC clients must send as their HTTP basic-auth password.")
+@click.option("--monitor-port", type=click.IntRange(0, 65535), default=None,
+              help="Serve the web monitor and /metrics here (0: any) [default: off].")
+@click.option("--monitor-host", default="127.0.0.1", show_default=True,
+              help="Monitor address; a non-loopback one needs --monitor-token-file.")
+@click.option("--monitor-token-file", type=click.Path(dir_okay=False), default=None,
+              help="File with the token readers send (?token= or Authorization: Bearer).")
+@click.option("--monitor-frontend", "monitor_frontend", multiple=True, metavar="URL",
+              help="A front end whose /stats the monitor polls (repeat); subscribed front ends are found anyway.")
+@click.option("--alert-command", default=None, metavar="CMD",
+              help="Shell command run per alert: JSON on stdin, SNSBUS_ALERT_* in its environment.")
+@click.option("--alert-webhook", default=None, metavar="URL", help="URL each alert is POSTed to as JSON.")
+@click.option("--alert-lost-percent", type=click.FloatRange(0, 100, min_open=True), default=20.0,
+              show_default=True, help="Alert when the tree loses more than this share of its nodes.")
 @click.option("--log-level", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
 def main(control, data, state_dir, max_children, policy, heartbeat, misses, xmlrpc, xmlrpc_allow_remote,
-         xmlrpc_token_file, log_level, log_format):
+         xmlrpc_token_file, monitor_port, monitor_host, monitor_token_file, monitor_frontend, alert_command,
+         alert_webhook, alert_lost_percent, log_level, log_format):
     """Run the snsbus manager until SIGTERM/SIGINT or `bus-ctl down`."""
     import asyncio
     import logging
@@ -81,17 +118,21 @@ def main(control, data, state_dir, max_children, policy, heartbeat, misses, xmlr
     from manager.server import Manager
 
     rpc_at = _xmlrpc_address(xmlrpc, xmlrpc_allow_remote, xmlrpc_token_file)
+    monitor = _monitor_options(monitor_port, monitor_host, monitor_token_file, monitor_frontend, alert_command,
+                               alert_webhook, alert_lost_percent)
     logs.setup("manager", log_level, log_format)
     config = TreeConfig(max_children=max_children, policy=policy, heartbeat=heartbeat, misses=misses)
 
     async def run() -> int:
-        mgr = Manager(control=control, data=data, config=config, state_dir=state_dir)
+        mgr = Manager(control=control, data=data, config=config, state_dir=state_dir, monitor=monitor)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, mgr.request_stop)
+        from manager.monitor import MonitorError
+
         try:
             await mgr.start()
-        except SocketSetupError as e:
+        except (SocketSetupError, MonitorError) as e:
             logging.getLogger("manager").error("%s", e)
             await mgr.stop()
             return 1

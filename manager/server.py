@@ -38,7 +38,7 @@ class Manager:
 
     def __init__(self, *, control: str = f"tcp://127.0.0.1:{DEFAULT_CONTROL_PORT}",
                  data: str = "tcp://127.0.0.1:0", config: TreeConfig = TreeConfig(),
-                 state_dir: str | os.PathLike | None = None, clock=time.monotonic):
+                 state_dir: str | os.PathLike | None = None, clock=time.monotonic, monitor: dict | None = None):
         self.control_bind = control
         self.data_bind = data
         self.config = config
@@ -56,6 +56,8 @@ class Manager:
         self.apps = None  # manager.apps.AppController, with a state directory
         self.chunks = None  # bus.transfer.ChunkService: serves packages to the root's children
         self.services = None  # manager.services.ServiceManager: TACC load balancing and spawning
+        self.monitor_options = monitor  # manager.monitor.start_monitor keywords; None: no monitor
+        self.monitor = None  # manager.monitor.Monitor while it serves
 
     @property
     def membership(self):
@@ -93,6 +95,10 @@ class Manager:
             self.apps.start_watch(grace=max(2.0, 3 * self.config.heartbeat * self.config.misses))
         self._ticker = asyncio.get_running_loop().create_task(self._tick_forever())
         self.restart_info = self._restart_info()
+        if self.monitor_options is not None:
+            from manager.monitor import start_monitor
+
+            self.monitor = await start_monitor(self, **self.monitor_options)
         self._write_state()
         log.info("manager up: control %s, data %s, epoch %d, max_children %d, policy %s",
                  self.link.control_endpoint, self.link.data_endpoint, self.root.epoch,
@@ -115,7 +121,7 @@ class Manager:
             return
         self.state_dir.mkdir(parents=True, exist_ok=True)
         info = {"pid": os.getpid(), "control": self.link.control_endpoint, "data": self.link.data_endpoint,
-                "epoch": self.root.epoch}
+                "epoch": self.root.epoch, "monitor": self.monitor.url if self.monitor is not None else None}
         tmp = self.state_dir / "manager.json.tmp"
         tmp.write_text(json.dumps(info))
         tmp.replace(self.state_dir / "manager.json")
@@ -138,7 +144,8 @@ class Manager:
             body = msg.body if isinstance(msg.body, dict) else {}
             if body.get("cmd") == "svc_subscribe":  # needs the peer's identity: beacons are pushed to it
                 args = body.get("args") if isinstance(body.get("args"), dict) else {}
-                reply = {"ok": True, "result": self.services.subscribe(identity, str(args.get("svc", "")))}
+                reply = {"ok": True, "result": self.services.subscribe(identity, str(args.get("svc", "")),
+                                                                       args.get("http"))}
             else:
                 reply = await commands.dispatch(self, msg.body)
         except Exception as e:  # a handler bug answers the client instead of killing the manager
@@ -167,6 +174,9 @@ class Manager:
         await self._stopping.wait()
 
     async def stop(self) -> None:
+        if self.monitor is not None:  # first: it broadcasts through the root and reads every part
+            await self.monitor.stop()
+            self.monitor = None
         if self._ticker is not None:
             self._ticker.cancel()
             await asyncio.gather(self._ticker, return_exceptions=True)

@@ -85,6 +85,8 @@ class ServiceManager:
         self.services: dict[str, _Service] = {}
         self.instances: dict[str, Instance] = {}
         self.subscribers: dict[bytes, tuple[str, float]] = {}  # identity -> (svc, expires)
+        self.frontend_urls: dict[bytes, str] = {}  # identity -> the front end's HTTP address (monitor)
+        self.retired: dict[str, float] = {}  # reaped instance ids -> when: their draining reports are ignored
         self.events: collections.deque = collections.deque(maxlen=200)
         self.counters = collections.Counter()
         self._tasks: set[asyncio.Task] = set()
@@ -164,8 +166,8 @@ class ServiceManager:
             except (KeyError, TypeError):
                 self.counters["reports_bad"] += 1
                 continue
-            if svc not in self.services:
-                continue  # an instance of a service we no longer run: the cleanup stops it
+            if svc not in self.services or iid in self.retired:
+                continue  # a service we no longer run, or an instance reaped and draining
             inst = self.instances.get(iid)
             if inst is None:
                 inst = self.instances[iid] = Instance(iid, svc, str(row.get("w", "")), node,
@@ -186,11 +188,17 @@ class ServiceManager:
             if cls is not None:
                 cls.pending.pop(iid, None)
 
-    def subscribe(self, identity: bytes, svc: str) -> dict:
+    def frontends(self) -> list[str]:
+        """HTTP addresses of the front ends subscribed now."""
+        return sorted({u for i, u in self.frontend_urls.items() if i in self.subscribers})
+
+    def subscribe(self, identity: bytes, svc: str, http: str | None = None) -> dict:
         if svc not in self.services:
             # Soft state: the front end keeps renewing; beacons start once the service runs.
             self.counters["subscribe_unknown"] += 1
         self.subscribers[identity] = (svc, self.clock() + SUBSCRIPTION_TTL)
+        if isinstance(http, str) and http.startswith("http://") and len(http) < 256:
+            self.frontend_urls[identity] = http
         out = {"svc": svc, "known": svc in self.services, "interval": self.beacon_interval}
         restart = getattr(self.mgr, "restart_info", None)
         if restart:
@@ -240,6 +248,10 @@ class ServiceManager:
         for ident, (_, exp) in list(self.subscribers.items()):
             if exp < now:
                 del self.subscribers[ident]
+                self.frontend_urls.pop(ident, None)
+        for iid, at in list(self.retired.items()):
+            if now - at > 120.0:  # long drained and gone
+                del self.retired[iid]
         for svc in self.services.values():
             for cls in svc.classes.values():
                 for iid, (node, started) in list(cls.pending.items()):
@@ -346,6 +358,7 @@ class ServiceManager:
         inst = self.instances.pop(iid, None)  # out of the beacon first: no new request reaches it
         if inst is None:
             return
+        self.retired[iid] = self.clock()  # its reports while it drains must not put it back
         self.counters["reaps"] += 1
         self._event("reap", svc.name, f"{iid} on {inst.node}: {why}")
         self._run(self._call(inst.node, "svc.reap", {"svc": svc.name, "id": iid, "grace": 10.0}, svc.name, iid))
@@ -408,4 +421,4 @@ class ServiceManager:
                               for i in rows],
             })
         return {"services": out, "events": list(self.events)[-50:], "counters": dict(self.counters),
-                "subscribers": len(self.subscribers)}
+                "subscribers": len(self.subscribers), "frontends": self.frontends()}

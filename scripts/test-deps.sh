@@ -15,6 +15,8 @@ PACKAGES=(
     "openssh-client  ssh"              # tools/bootstrap.py runs the system ssh client
     "python3         /usr/bin/python3" # the python3 the ssh test user gets on the remote side
     "python3-venv    /usr/bin/python3" # ... and its venv/ensurepip (bootstrap makes a venv there)
+    "chromium        chromium"         # tests/tools/test_monitor_browser.py: headless browser loads the monitor
+    "chromium-driver chromedriver"     # ... driven through chromedriver's W3C WebDriver HTTP API
 )
 
 say() { printf 'test-deps: %s\n' "$*" >&2; }
