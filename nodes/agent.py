@@ -139,7 +139,9 @@ class NodeHost:
             self._ticker.cancel()
             await asyncio.gather(self._ticker, return_exceptions=True)
             self._ticker = None
-        for node in self.nodes:
+        # Deepest first: a node leaves before its parent does, so nobody is left an orphan
+        # that the root would report as unreachable while the process shuts down.
+        for node in sorted(self.nodes, key=lambda n: -n.depth):
             await node.stop()
             if getattr(node, "stub", None) is not None:
                 await node.stub.close()
