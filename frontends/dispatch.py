@@ -637,20 +637,34 @@ class TaskResult:
 
 
 class _InflightView(Mapping):
-    """``worker id -> in-flight count`` read straight from the LoadTable (what ``choose`` needs)."""
+    """``worker id -> in-flight count`` read straight from the LoadTable (what ``choose`` needs).
 
-    __slots__ = ("_table", "_num")
+    The beaconed queue of a worker already holds the requests this front end
+    had queued there when it was reported, so adding all of our in-flight
+    count on top would count them twice and send everyone away from a worker
+    the moment it is known (a newly spawned one: herding).  ``choose`` scores
+    ``(queue + extra + 1) * cost``; the extra given here is the part of our
+    in-flight count the beacon cannot hold yet, ``max(0, inflight - queue)``,
+    so the score's queue is ``max(beaconed queue, our in-flight)``.
+    """
 
-    def __init__(self, table: LoadTable, num: dict[str, int]):
+    __slots__ = ("_table", "_num", "_queued")
+
+    def __init__(self, table: LoadTable, num: dict[str, int], queued: dict[str, float] | None = None):
         self._table = table
         self._num = num
+        self._queued = queued if queued is not None else {}
+
+    def _extra(self, key, n) -> int:
+        own = self._table.inflight(n)
+        return max(0, own - int(self._queued.get(key, 0)))
 
     def get(self, key, default=0):
         n = self._num.get(key)
-        return default if n is None else self._table.inflight(n)
+        return default if n is None else self._extra(key, n)
 
     def __getitem__(self, key):
-        return self._table.inflight(self._num[key])
+        return self._extra(key, self._num[key])
 
     def __iter__(self):
         return iter(self._num)
@@ -690,7 +704,8 @@ class TaskClient:
         self._table = LoadTable()
         self._num: dict[str, int] = {}  # instance id -> LoadTable key (u32, never reused)
         self._next_num = itertools.count(1)
-        self._inflight = _InflightView(self._table, self._num)
+        self._queued: dict[str, float] = {}  # worker id -> beaconed queue (see _InflightView)
+        self._inflight = _InflightView(self._table, self._num, self._queued)
         self._rows: dict[str, WorkerRow] = {}
         self._groups: dict[tuple, list[WorkerLoad]] = {}
         self._c = dict.fromkeys(("calls", "ok", "failed", "errors", "attempts", "redispatched", "timeouts",
@@ -711,6 +726,8 @@ class TaskClient:
                 self._table.add(n)
             self._table.report(n, min(int(round(row.q)), 0xFFFFFFFF))
         self._rows = rows
+        self._queued.clear()
+        self._queued.update((wid, row.q) for wid, row in rows.items())
         self._groups.clear()
         self._plane.retain(beacon.endpoints())
 
@@ -731,7 +748,8 @@ class TaskClient:
 
     def inflight(self, worker_id: str) -> int:
         """Requests this client sent to ``worker_id`` and has not seen answered (nor given up on)."""
-        return self._inflight.get(worker_id, 0)
+        n = self._num.get(worker_id)
+        return 0 if n is None else self._table.inflight(n)
 
     def load(self, worker_id: str) -> int:
         """Beaconed queue plus own in-flight count (0 for an unknown worker)."""

@@ -29,6 +29,9 @@ log = logging.getLogger(__name__)
 
 SUBSCRIPTION_TTL = 5.0  # a front end renews every 2 s
 SPAWN_TIMEOUT = 20.0
+# Time constant of the queue smoothing: two reports (0.25 s apart) of a real burst cross H,
+# one spike does not; D keeps a burst from spawning more than one worker per D.
+SMOOTHING = 0.5
 
 
 @dataclass
@@ -77,7 +80,7 @@ class _Service:
 
 
 class ServiceManager:
-    def __init__(self, mgr, *, report_ttl: float = 2.0, beacon_interval: float = 0.5, clock=time.monotonic):
+    def __init__(self, mgr, *, report_ttl: float = 2.0, beacon_interval: float = 0.25, clock=time.monotonic):
         self.mgr = mgr
         self.report_ttl = report_ttl
         self.beacon_interval = beacon_interval
@@ -115,7 +118,7 @@ class ServiceManager:
         for w in service.workers:
             cfg = lbpolicy.ScalingConfig(high_water=w.high_water, delay=w.delay, minimum=w.min, maximum=w.max,
                                          idle_after=w.idle_after, calm_for=w.calm_for,
-                                         low_water=min(0.5, w.high_water))
+                                         low_water=min(0.5, w.high_water), tau=SMOOTHING)
             cls = old.classes.get(w.name) if old else None
             svc.classes[w.name] = _Class(service.name, w, cfg, cls.last_spawn if cls else None)
         if old is not None:
@@ -159,6 +162,7 @@ class ServiceManager:
             return
         self.counters["reports"] += 1
         now = self.clock()
+        fresh = False
         node, data = body.get("node", ""), body.get("data", "")
         for row in body["rows"]:
             try:
@@ -173,6 +177,7 @@ class ServiceManager:
                 inst = self.instances[iid] = Instance(iid, svc, str(row.get("w", "")), node,
                                                       cache=bool(row.get("cache")), kind=row.get("kind", ""))
                 inst.overflow = node in self._overflow_nodes(svc)
+                fresh = True  # a new worker: the front ends learn of it now, not at the next beacon
             inst.node, inst.data, inst.heard = node, data, now
             q = float(row.get("q", 0)) + float(row.get("busy", 0))
             cls = self.services[svc].classes.get(inst.w)
@@ -187,6 +192,8 @@ class ServiceManager:
             inst.extra = {k: row[k] for k in ("done", "failed", "crashes", "bytes", "hits", "misses") if k in row}
             if cls is not None:
                 cls.pending.pop(iid, None)
+        if fresh and self.subscribers and getattr(self.mgr, "link", None) is not None:
+            self._send_beacons(now)
 
     def frontends(self) -> list[str]:
         """HTTP addresses of the front ends subscribed now."""

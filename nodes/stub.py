@@ -130,6 +130,7 @@ class _Instance:
         self.svc, self.worker, self.callable, self.kind, self.id = svc, worker, fn, kind, iid
         self.path = path
         self.queue: deque[_Request] = deque()
+        self.reported_q = 0  # queue length in the last load report (a doubling reports at once)
         self.state = STARTING
         self.pipe: WorkerProcess | None = None
         self.pid: int | None = None
@@ -150,6 +151,7 @@ class _Instance:
 
     # -- rows and answers -----------------------------------------------------------
     def row(self) -> dict:
+        self.reported_q = len(self.queue)
         return {
             "svc": self.svc, "id": self.id, "w": self.worker, "kind": self.kind,
             "q": len(self.queue), "busy": 0 if self.running is None else 1, "cost": self.cost,
@@ -169,6 +171,10 @@ class _Instance:
         self.queue.append(req)
         if self.running is None:
             self._pump()
+        elif len(self.queue) > 2 * self.reported_q + 1:
+            # The queue doubled since the last report: tell the manager now, not at the next
+            # interval, so a burst is answered by a spawn within a fraction of a second.
+            self.stub._report_soon()
 
     def _pump(self) -> None:
         """Write the next request to an idle process (answering the expired ones on the way)."""
@@ -409,7 +415,7 @@ class WorkerStub:
     through ``link.loop``).  No I/O here: the first spawn or cache starts it.
     """
 
-    def __init__(self, node, link, *, report_interval: float = 0.5, queue_limit: int = 256,
+    def __init__(self, node, link, *, report_interval: float = 0.25, queue_limit: int = 256,
                  clock=time.monotonic, start_timeout: float = START_TIMEOUT):
         if report_interval <= 0 or queue_limit < 1:
             raise ValueError("report_interval must be > 0 and queue_limit >= 1")
