@@ -7,7 +7,7 @@ VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 PYTEST  := $(VPY) -m pytest
 
-.PHONY: all install build test test-pure test-deps demo bench clean
+.PHONY: all install build test test-pure test-deps demo bench fuzz clean
 
 all: test
 
@@ -54,6 +54,13 @@ bench: build
 	$(VPY) benchmarks/perf_tree.py || status=1; \
 	$(VPY) benchmarks/perf_deploy.py || status=1; \
 	exit $$status
+
+# The long coverage-guided fuzz (atheris) of every target, both twins; a crash becomes a
+# regression input under tests/fuzz/regressions/ (the short run is part of `make test`).
+FUZZ_SECONDS ?= 120
+fuzz: build
+	$(VPY) -m pip install -q -e '.[fuzz]'
+	$(VPY) -m tools.fuzz --seconds $(FUZZ_SECONDS) --twin both
 
 clean:
 	rm -rf $(VENV) build *.egg-info core/_fastpath.c core/_fastpath*.so core/_fastpath.stamp core/_fastpath.html

@@ -258,6 +258,8 @@ def decode(frames, using: FrameCodec | None = None) -> Message:
     nbody = len(body) if isinstance(body, (bytes, bytearray)) else memoryview(body).nbytes
     if nbody != h.body_len:
         raise MalformedFrame(f"body of {nbody} bytes, header says {h.body_len}")
+    if h.extra > MAX_EXTRA:  # senders refuse more (encode): a receiver must not accept them either
+        raise FrameTooLarge(f"{h.extra} extra frames exceed the limit of {MAX_EXTRA}")
     extra = list(frames[2:])
     if len(extra) != h.extra:
         raise MalformedFrame(f"{len(extra)} extra frames, header says {h.extra}")

@@ -12,6 +12,12 @@ What one ``/distill`` does, in order:
 1. **Checks**: the request URL is at most ``max_url`` characters (else 414);
    ``url`` is http(s) on an allowed origin (``scheme://host:port`` in
    ``--origin``, else 403 naming the allowed ones); no credentials in it.
+   An origin given by host name is fetched only from the public addresses
+   it resolves to: a name that resolves to a private, loopback, link-local
+   or otherwise non-global address (DNS rebinding, a cloud metadata address)
+   is refused with 403, unless the name is ``localhost`` or
+   ``private_origins`` is set.  An origin given as an IP address is fetched
+   as listed (its operator named that address).
 2. **Customization**: the user's profile (SQLite, through a thread), overlaid
    by the query's ``w``/``h``/``q``/``fmt``, validated into the effective
    parameters (bad values: 400).
@@ -46,9 +52,11 @@ from __future__ import annotations
 import asyncio
 import bisect
 import hashlib
+import ipaddress
 import json
 import logging
 import re
+import socket
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Awaitable, Callable
@@ -57,6 +65,7 @@ import aiohttp
 import yarl
 import zmq
 from aiohttp import web
+from aiohttp.abc import AbstractResolver, ResolveResult
 
 from bus.planes import PlaneLoop, SocketFactory, new_context
 from bus.protocol import MAX_EXTRA, MAX_FRAME
@@ -100,6 +109,54 @@ def origin_of(url: str | yarl.URL) -> str:
     if u.scheme not in ("http", "https") or not u.host:
         raise ValueError(f"{str(url)!r} is not an absolute http or https URL")
     return f"{u.scheme}://{u.host.lower()}:{u.port}"
+
+
+def _is_public(address: str) -> bool:
+    """Whether an IP address is a global unicast one (not private, loopback, link-local, reserved...)."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped  # ::ffff:127.0.0.1 is loopback, whatever its notation
+    return ip.is_global and not ip.is_multicast
+
+
+class _PrivateAddress(OSError):
+    """An origin host name that resolves only to addresses the front end must not fetch from."""
+
+
+def _default_resolver() -> AbstractResolver:
+    return aiohttp.DefaultResolver()
+
+
+class _PublicResolver(AbstractResolver):
+    """Resolves origin host names to their public addresses only (SSRF through DNS).
+
+    ``localhost`` (and ``*.localhost``) stay allowed: an operator who lists it
+    asked for loopback.  IP literals never get here: aiohttp connects to
+    them directly, and the origin list already named them.
+    """
+
+    def __init__(self, inner: AbstractResolver, allow_private: bool):
+        self._inner = inner
+        self._allow_private = allow_private
+        self.refused = 0
+
+    async def resolve(self, host: str, port: int = 0, family: int = socket.AF_INET) -> list[ResolveResult]:
+        results = await self._inner.resolve(host, port, family)
+        name = host.lower().rstrip(".")
+        if self._allow_private or name == "localhost" or name.endswith(".localhost"):
+            return results
+        public = [r for r in results if _is_public(r["host"])]
+        if not public:
+            self.refused += 1
+            raise _PrivateAddress(f"{host} resolves to {', '.join(sorted({r['host'] for r in results}))}, "
+                                  "which is not a public address")  # fmt: skip
+        return public
+
+    async def close(self) -> None:
+        await self._inner.close()
 
 
 def _digest(*parts: str) -> str:
@@ -156,6 +213,7 @@ class FrontEndConfig:
     distill_worker: str | None = None  # a worker name; None: any transformation worker
     sheet_worker: str | None = None  # a worker name; None: any aggregation worker
     restart_manager: bool = True  # process peers: restart the manager when it is dead (same host only)
+    private_origins: bool = False  # origin host names may resolve to private/loopback/link-local addresses
     manager_grace: float = 5.0  # seconds without a beacon before the manager counts as dead
 
     def __post_init__(self):
@@ -224,6 +282,7 @@ class FrontEnd:
         self.cache: CacheClient | None = None
         self._profiles: SQLiteProfileStore | None = None
         self._session: aiohttp.ClientSession | None = None
+        self._resolver: _PublicResolver | None = None
         self._background: set[asyncio.Task] = set()
         self._flights: dict[tuple, asyncio.Task] = {}
         self._started = 0.0
@@ -256,8 +315,9 @@ class FrontEnd:
             self.watch.start()
         if cfg.profiles:
             self._profiles = await asyncio.to_thread(SQLiteProfileStore, cfg.profiles)
+        self._resolver = resolver = _PublicResolver(_default_resolver(), cfg.private_origins)
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=cfg.fetch_timeout),
-                                              connector=aiohttp.TCPConnector(limit=256))  # fmt: skip
+                                              connector=aiohttp.TCPConnector(limit=256, resolver=resolver))  # fmt: skip
         self._started = self._clock()
         log.info("front end for %s: manager %s, origins %s, profiles %s", cfg.service, cfg.manager,
                  ", ".join(cfg.origins) or "(none)", cfg.profiles or "(defaults only)")  # fmt: skip
@@ -279,6 +339,9 @@ class FrontEnd:
             await self._loop.stop()
         if self._session is not None:
             await self._session.close()
+        if self._resolver is not None:
+            await self._resolver.close()
+            self._resolver = None
         if self._profiles is not None:
             await asyncio.to_thread(self._profiles.close)
         if self._factory is not None:
@@ -453,6 +516,12 @@ class FrontEnd:
         except asyncio.TimeoutError:
             self._c["origin_errors"] += 1
             raise _OriginError(504, f"the origin did not send {url} within {self.config.fetch_timeout:g}s\n") from None
+        except aiohttp.ClientConnectorError as e:
+            self._c["origin_errors"] += 1
+            if isinstance(e.os_error, _PrivateAddress):
+                self._c["forbidden"] += 1
+                raise _OriginError(403, f"will not fetch {url}: {e.os_error}\n") from None
+            raise _OriginError(502, f"cannot fetch {url}: {e}\n") from None
         except aiohttp.ClientError as e:
             self._c["origin_errors"] += 1
             raise _OriginError(502, f"cannot fetch {url}: {e}\n") from None

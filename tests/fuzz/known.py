@@ -1,0 +1,102 @@
+"""Bugs the fuzzers found that are reported but not fixed yet: the suppression list.
+
+A crash whose exception and traceback match an entry here is *known*: the
+short fuzz runs in ``make test`` and ``python -m tools.fuzz`` count it and go
+on looking for other bugs instead of stopping at it again.  Each entry has a
+regression input in ``tests/fuzz/regressions/<target>/<id>-*.bin``;
+``test_regressions.py`` expects those to fail while the entry is here and fails
+as soon as one passes, so a fix must delete its entry (and the regression then
+guards it for good).  ``python -m tools.fuzz --report-known`` treats known bugs
+as crashes again.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import traceback
+from dataclasses import dataclass
+
+__all__ = ["Known", "KNOWN", "match", "signature"]
+
+_PROJECT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@dataclass(frozen=True)
+class Known:
+    id: str  #: prefix of its regression files
+    target: str
+    exceptions: tuple  #: exception class names
+    where: tuple  #: (file suffix, function or None): a frame of the traceback must be one of these
+    bug: str  #: what is wrong and the fix proposed
+    text: str = ""  #: if set, must occur in the exception's message
+
+
+_BODY = ("KeyError", "TypeError", "ValueError", "OverflowError", "AttributeError")
+
+KNOWN: tuple[Known, ...] = (
+    Known("tree-bodies", "tree", _BODY,
+          (("bus/tree.py", None), ("bus/convergecast.py", "_on_command")),
+          "TreeNode's handlers index and iterate body fields without checking their types: JOIN without "
+          "'id' (KeyError in _accept), JOIN 'sub' not a list, JOIN_ACCEPT without 'id' or with 'cfg' not a "
+          "map / an unknown policy / heartbeat 0 (ValueError from TreeConfig after the node half-changed its "
+          "state), ids over 32 bits or not ints (OverflowError/ValueError from the fast path), HEARTBEAT "
+          "'path' as bytes or 'd' None, COMMAND 'rem' None. In production the PlaneLoop counts a "
+          "handler_error and drops the REST OF THE BATCH (other peers' messages)."),
+    Known("reply-bodies", "convergecast", _BODY,
+          (("bus/convergecast.py", "_on_reply"), ("bus/policy.py", "merge_groups"), ("manager/root.py", "outcome")),
+          "Convergecast._on_reply trusts the REPLY body: 'g' or 'm' not lists (len() of a float), a group "
+          "whose key or ids are unhashable (merge_groups), 'm' items that are not pairs."),
+    Known("ctl-cmd-unhashable", "commands", ("TypeError",), (("manager/commands.py", "dispatch"),),
+          "commands.dispatch looks up body['cmd'] in COMMANDS without checking it is a string: a list or "
+          "map as 'cmd' raises TypeError (answered as an internal error by Manager._serve_ctl)."),
+    Known("cache-meta-not-map", "stub_task", ("AttributeError",), (("nodes/cachestore.py", "_check_meta"),),
+          "A cache put whose 'meta' is not a map raises AttributeError in CacheStore._check_meta, which "
+          "WorkerStub._cache_op does not catch (it catches ValueError/TypeError/CacheError): the TASK is "
+          "never answered and the PlaneLoop drops the rest of the batch."),
+    Known("spec-utf16-doctype", "spec", ("XMLSchemaValidateError",), (("manager/spec.py", "validate"),),
+          "The <!DOCTYPE check in manager/spec.py is a byte scan, so a UTF-16/UTF-32 document carries a "
+          "DOCTYPE past it: internal entities are expanded into attribute values and an entity reference "
+          "in text makes XMLSchema.validate raise XMLSchemaValidateError (not a SpecError)."),
+    Known("spec-utf16-entity", "spec", ("InvariantBroken",), (("tests/fuzz/targets.py", "t_spec"),),
+          "Same hole as spec-utf16-doctype: the internal entity of a UTF-16/UTF-32 spec lands in an attribute.",
+          text="an entity was expanded"),
+    Known("spec-namespaced-element", "spec", ("XPathEvalError",), (("manager/spec.py", "validate"),),
+          "_Doc.validate looks the schema error's element up with tree.xpath(entry.path); the path of an "
+          "element with a namespace prefix (<xi:include xmlns:xi=...>, any foo:bar) has an undefined prefix "
+          "for xpath(), so XPathEvalError escapes instead of a SpecError, in every encoding."),
+    Known("planeloop-extra-frames", "planeloop", ("InvariantBroken",), (("tests/fuzz/targets.py", "t_planeloop"),),
+          "PlaneLoop._dispatch accepts a message with more than protocol.MAX_EXTRA extra frames (the header's "
+          "'extra' field is 16 bits): senders refuse them, receivers pass them to handlers.",
+          text="extra frames, over MAX_EXTRA"),
+)
+
+
+def _frames(exc: BaseException):
+    for fr in traceback.extract_tb(exc.__traceback__):
+        path = os.path.abspath(fr.filename)
+        if path.startswith(_PROJECT):
+            yield os.path.relpath(path, _PROJECT), fr.name
+
+
+def match(target: str, exc: BaseException) -> Known | None:
+    """The known bug ``exc`` (raised by ``target``) is an instance of, or None."""
+    name = type(exc).__name__
+    frames = list(_frames(exc))
+    for k in KNOWN:
+        if k.target != target or name not in k.exceptions or k.text not in str(exc):
+            continue
+        for suffix, func in k.where:
+            if any(f.endswith(suffix) and (func is None or fn == func) for f, fn in frames):
+                return k
+    return None
+
+
+def signature(exc: BaseException) -> str:
+    """``Type at file:function`` of the innermost project frame: how crashes are told apart."""
+    if type(exc).__name__ == "InvariantBroken":  # raised by the target itself: tell them apart by the check
+        where = [fn for f, fn in _frames(exc) if f.startswith("tests/fuzz/") and fn.startswith("t_")] or ["?"]
+        return f"InvariantBroken in {where[-1]}: {re.sub(r'[0-9]+', 'N', str(exc))[:70]}"
+    frames = [f for f in _frames(exc) if not f[0].startswith("tests/fuzz/")] or list(_frames(exc)) or [("?", "?")]
+    path, func = frames[-1]
+    return f"{type(exc).__name__} at {path}:{func}"
