@@ -45,9 +45,10 @@ import zmq
 import zmq.asyncio
 
 from bus import protocol
-from bus.protocol import (DATA_PLANE_MIN, HEADER_SIZE, BusError, MalformedFrame, Message, Plane,
-                          ProtocolError, UnknownType)
+from bus.protocol import (DATA_PLANE_MIN, HEADER_SIZE, MAX_EXTRA, BusError, FrameTooLarge, MalformedFrame,
+                          Message, Plane, ProtocolError, UnknownType)
 from bus.plane_stats import LoopStatistics, PlaneStatistics, _Counters, _LogLimiter
+from bus.security import Security, SecurityError
 from core.fastpath import drain, events, send_nowait
 
 __all__ = [
@@ -118,15 +119,23 @@ class SocketFactory:
       ``RECONNECT_IVL``/``RECONNECT_IVL_MAX`` (exponential reconnect backoff).
     * All: ``LINGER``, TCP keepalive, ``MAXMSGSIZE`` (a peer sending a frame
       over ``protocol.MAX_FRAME`` is disconnected by libzmq).
+    * Security (``security``, a :class:`bus.security.Security`): every ROUTER
+      is a CURVE server whose ZAP handler admits only authorized keys, every
+      DEALER a CURVE client pinned to its server's key (an endpoint may carry
+      it: ``tcp://host:port#<z85>``; a plain one means the manager's pinned
+      key).  None: plain TCP (tests, benchmarks' baselines); the daemons turn
+      CURVE on unless started with ``--insecure``.
 
     Sockets are plain ``zmq.Socket`` objects owned by the caller; :meth:`close`
-    closes every socket this factory built that is still open.
+    closes every socket this factory built that is still open (and, with
+    security, releases the context's ZAP handler: call it before ``term()``).
     """
 
     def __init__(self, context: zmq.Context, *, control_hwm: int = 1000, data_hwm: int = 10_000,
                  linger: int = 1000, reconnect_ivl: int = 100, reconnect_ivl_max: int = 5000,
                  tcp_keepalive_idle: int = 60, max_sockets: int = 4096,
-                 max_msgsize: int = protocol.MAX_FRAME, backlog: int = 4096):  # fmt: skip
+                 max_msgsize: int = protocol.MAX_FRAME, backlog: int = 4096,
+                 security: Security | None = None):  # fmt: skip
         if isinstance(context, zmq.asyncio.Context):
             raise TypeError("SocketFactory needs a plain zmq.Context; PlaneLoop drives the sockets")
         _positive(control_hwm=control_hwm, data_hwm=data_hwm, reconnect_ivl=reconnect_ivl,
@@ -145,6 +154,9 @@ class SocketFactory:
         # Only ever raise the limit: another component may have set it higher.
         if context.get(zmq.MAX_SOCKETS) < max_sockets:
             context.set(zmq.MAX_SOCKETS, int(max_sockets))
+        #: CURVE settings (None: plain TCP); read by NodeLink to advertise keyed endpoints.
+        self.security = security
+        self._attached = False  # counted once in security's per-context ZAP users
 
     @property
     def context(self) -> zmq.Context:
@@ -176,6 +188,9 @@ class SocketFactory:
         for sock in built:
             if not sock.closed:
                 sock.close(self._linger if linger is None else linger)
+        if self._attached:
+            self._attached = False
+            self.security.detach(self._context)  # the last factory of the context stops its ZAP thread
 
     # -- internals ---------------------------------------------------------
     def _router(self, plane: Plane, bind_endpoint: str) -> zmq.Socket:
@@ -187,9 +202,14 @@ class SocketFactory:
             # (or rejoin after a manager restart) at once, the extra SYNs are
             # dropped and TCP retries them only after its 1 s initial timeout.
             sock.setsockopt(zmq.BACKLOG, self._backlog)
+            if plane is Plane.DATA:
+                # Replies to one peer (package chunks, task results) wait here at most
+                # DATA_ROUTER_SNDHWM deep: a peer that asks and never reads costs a bounded
+                # amount of memory; past it, sends fail and the chunk is asked for again.
+                sock.setsockopt(zmq.SNDHWM, min(self._hwm[plane], DATA_ROUTER_SNDHWM))
             self._secure(sock, server=True)
             sock.bind(bind_endpoint)
-        except zmq.ZMQError as e:
+        except (zmq.ZMQError, SecurityError) as e:
             self._discard(sock)
             raise SocketSetupError(
                 f"cannot bind the {plane.name.lower()}-plane ROUTER to {bind_endpoint}: {e}"
@@ -206,9 +226,8 @@ class SocketFactory:
             sock.setsockopt(zmq.IMMEDIATE, 1)
             sock.setsockopt(zmq.RECONNECT_IVL, self._reconnect[0])
             sock.setsockopt(zmq.RECONNECT_IVL_MAX, self._reconnect[1])
-            self._secure(sock, server=False)
-            sock.connect(endpoint)
-        except zmq.ZMQError as e:
+            sock.connect(self._secure(sock, server=False, endpoint=endpoint))
+        except (zmq.ZMQError, SecurityError) as e:
             self._discard(sock)
             raise SocketSetupError(
                 f"cannot connect the {plane.name.lower()}-plane DEALER to {endpoint}: {e}"
@@ -238,13 +257,25 @@ class SocketFactory:
         self._built.append(sock)
         return sock
 
-    def _secure(self, sock: zmq.Socket, *, server: bool) -> None:
-        """Apply security options; the only place they are set.
+    def _secure(self, sock: zmq.Socket, *, server: bool, endpoint: str = "") -> str:
+        """Apply security options; the only place they are set.  Returns the endpoint to connect.
 
         Called for every socket after its other options and before bind or
-        connect (libzmq reads CURVE options at that point).  Plain TCP for now;
-        the CURVE issue sets ``CURVE_SERVER``/keys here and nowhere else.
+        connect (libzmq reads CURVE options at that point).  A server gets
+        ``CURVE_SERVER``, its key pair and a ZAP domain, with the context's ZAP
+        handler running first (libzmq admits any key when none is bound); a
+        client gets its key pair and the server key, from the endpoint's tag
+        or the pinned manager key, and the tag is stripped for libzmq.
         """
+        if self.security is None:
+            return endpoint
+        if server:
+            if not self._attached:
+                self.security.attach(self._context)  # no I/O: the ZAP thread starts in secure_server
+                self._attached = True
+            self.security.secure_server(sock)
+            return endpoint
+        return self.security.secure_client(sock, endpoint)
 
     def _discard(self, sock: zmq.Socket) -> None:
         sock.close(0)
@@ -297,6 +328,9 @@ class _Reg:
         self.pending: collections.deque = collections.deque()  # (peer key, frames)
         self.pending_peers: collections.Counter = collections.Counter()
         self.waiters: list[asyncio.Future] = []
+
+
+DATA_ROUTER_SNDHWM = 64  # messages queued per peer on a data ROUTER (x MAX_CHUNK_REQUEST bytes)
 
 
 def new_context() -> zmq.Context:
@@ -600,6 +634,8 @@ class PlaneLoop:
                     raise MalformedFrame(f"body of {len(frames[n_ids + 1])} bytes, header says {h.body_len}")
                 if nf - n_ids - 2 != h.extra:
                     raise MalformedFrame(f"{nf - n_ids - 2} extra frames, header says {h.extra}")
+                if h.extra > MAX_EXTRA:  # senders refuse more (protocol.encode); so do receivers
+                    raise FrameTooLarge(f"{h.extra} extra frames exceed the limit of {MAX_EXTRA}")
                 if nf > n_ids + 2:
                     for j in range(n_ids + 2, nf):
                         self._codec.check_frame_size(len(frames[j]))

@@ -56,7 +56,7 @@ ERR_BAD_REQUEST = "bad_request"
 ERR_FAILED = "failed"
 
 #: Largest chunk a request may ask for (one extra frame).
-MAX_CHUNK = p.MAX_FRAME
+MAX_CHUNK = 1 << 20  # bytes one request may ask for: with the data ROUTER's HWM, a bound per peer
 _MAX_SIZE = 1 << 48  # a size field beyond this is nonsense, not a package
 _MAX_WAIT = 3600.0
 _PARK_LIMIT = 4096  # requests parked per package while this node fetches it

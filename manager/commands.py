@@ -238,7 +238,7 @@ async def cmd_shutdown(mgr, args: dict) -> dict:
 async def dispatch(mgr, body: dict) -> dict:
     """Run one request; always returns a CTL_REPLY body."""
     name = body.get("cmd") if isinstance(body, dict) else None
-    handler = COMMANDS.get(name)
+    handler = COMMANDS.get(name) if isinstance(name, str) else None
     if handler is None:
         return {"ok": False, "code": UNKNOWN_COMMAND,
                 "error": f"unknown command {name!r}; known: {', '.join(sorted(COMMANDS))}"}

@@ -331,6 +331,14 @@ class _Doc:
                         f"malformed XML: {msg}; fix the markup before anything else")
             )
             return
+        docinfo = self.root.getroottree().docinfo
+        if docinfo.doctype or docinfo.internalDTD is not None or docinfo.externalDTD is not None:
+            # A DOCTYPE the byte scan above cannot see (UTF-16/UTF-32 text): refuse the document
+            # whole, so nothing its entities produced is ever used.
+            self.root = None
+            self.problems.append(Problem(filename, 1, 1, "<!DOCTYPE> is not allowed (no DTDs or entities in a "
+                                                         "spec); remove it"))
+            return
         positions = _start_tag_positions(data)
         for el, pos in zip(self.root.iter(tag=etree.Element), positions):
             # A mismatch means the scan was fooled; fall back to column 1.
@@ -349,7 +357,10 @@ class _Doc:
         for entry in schema.error_log:
             el = None
             if entry.path:
-                found = tree.xpath(entry.path)
+                try:
+                    found = tree.xpath(entry.path)
+                except etree.XPathError:  # a namespace prefix xpath() does not know: no element to point at
+                    found = []
                 el = found[0] if found else None
             parent = el.getparent() if el is not None else None
             msg = _schema_message(entry.message, parent.tag if parent is not None else None)

@@ -180,6 +180,8 @@ class CacheStore:
     def _check_meta(meta) -> dict:
         if meta is None:
             return {}
+        if not hasattr(meta, "items"):
+            raise TypeError(f"cache metadata must be a map, got {type(meta).__name__}")
         out = {}
         for k, v in meta.items():
             if not isinstance(k, str) or not isinstance(v, _META_TYPES):

@@ -399,9 +399,12 @@ def _zip_entries(zf: zipfile.ZipFile) -> list[_Entry]:
 def _validate(entries: list[_Entry], dest: Path) -> None:
     links: set[str] = set()  # symlink members seen so far
     files: set[str] = set()  # regular-file members seen so far
+    # Every symlink of the archive, whatever its position: a link target that climbs
+    # through a directory the archive later turns into a symlink must be refused too.
+    all_links = {e.name for e in entries if e.kind == "symlink"}
 
     def is_link(rel: str) -> bool:
-        return rel in links or os.path.islink(dest / rel)
+        return rel in all_links or os.path.islink(dest / rel)
 
     for e in entries:
         if not e.name:
@@ -414,6 +417,9 @@ def _validate(entries: list[_Entry], dest: Path) -> None:
                 raise UnsafeArchive(e.name, "would be written through a symlink")
         if e.name in links:
             raise UnsafeArchive(e.name, "would overwrite a symlink from the same archive")
+        if e.kind == "dir" and os.path.islink(dest / e.name):
+            # Creating it would chmod whatever that symlink (left by an earlier package) points at.
+            raise UnsafeArchive(e.name, "directory member is a symlink already in the destination")
         if e.kind == "symlink":
             _check_link_target(e, dest, is_link)
             links.add(e.name)

@@ -47,28 +47,6 @@ KNOWN: tuple[Known, ...] = (
           (("bus/convergecast.py", "_on_reply"), ("bus/policy.py", "merge_groups"), ("manager/root.py", "outcome")),
           "Convergecast._on_reply trusts the REPLY body: 'g' or 'm' not lists (len() of a float), a group "
           "whose key or ids are unhashable (merge_groups), 'm' items that are not pairs."),
-    Known("ctl-cmd-unhashable", "commands", ("TypeError",), (("manager/commands.py", "dispatch"),),
-          "commands.dispatch looks up body['cmd'] in COMMANDS without checking it is a string: a list or "
-          "map as 'cmd' raises TypeError (answered as an internal error by Manager._serve_ctl)."),
-    Known("cache-meta-not-map", "stub_task", ("AttributeError",), (("nodes/cachestore.py", "_check_meta"),),
-          "A cache put whose 'meta' is not a map raises AttributeError in CacheStore._check_meta, which "
-          "WorkerStub._cache_op does not catch (it catches ValueError/TypeError/CacheError): the TASK is "
-          "never answered and the PlaneLoop drops the rest of the batch."),
-    Known("spec-utf16-doctype", "spec", ("XMLSchemaValidateError",), (("manager/spec.py", "validate"),),
-          "The <!DOCTYPE check in manager/spec.py is a byte scan, so a UTF-16/UTF-32 document carries a "
-          "DOCTYPE past it: internal entities are expanded into attribute values and an entity reference "
-          "in text makes XMLSchema.validate raise XMLSchemaValidateError (not a SpecError)."),
-    Known("spec-utf16-entity", "spec", ("InvariantBroken",), (("tests/fuzz/targets.py", "t_spec"),),
-          "Same hole as spec-utf16-doctype: the internal entity of a UTF-16/UTF-32 spec lands in an attribute.",
-          text="an entity was expanded"),
-    Known("spec-namespaced-element", "spec", ("XPathEvalError",), (("manager/spec.py", "validate"),),
-          "_Doc.validate looks the schema error's element up with tree.xpath(entry.path); the path of an "
-          "element with a namespace prefix (<xi:include xmlns:xi=...>, any foo:bar) has an undefined prefix "
-          "for xpath(), so XPathEvalError escapes instead of a SpecError, in every encoding."),
-    Known("planeloop-extra-frames", "planeloop", ("InvariantBroken",), (("tests/fuzz/targets.py", "t_planeloop"),),
-          "PlaneLoop._dispatch accepts a message with more than protocol.MAX_EXTRA extra frames (the header's "
-          "'extra' field is 16 bits): senders refuse them, receivers pass them to handlers.",
-          text="extra frames, over MAX_EXTRA"),
 )
 
 

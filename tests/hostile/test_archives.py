@@ -5,8 +5,8 @@ paths, symlinks to ``/etc`` or ``../..``, writing through a symlink, hard
 links out, devices, zip ``..``/absolute names and an absolute zip symlink).
 Here is what it does not: Windows separators and drive letters, a relative
 zip symlink out, hard links to symlinks and directories, a member replacing an
-earlier regular file by a symlink, and two holes found for issue 7 (marked
-xfail until ``nodes/packages.py`` is fixed): a symlink whose target climbs
+earlier regular file by a symlink, and two holes found for issue 7 and fixed
+in ``nodes/packages.py``: a symlink whose target climbs
 through a symlink that comes *later* in the archive, and a directory member
 whose chmod follows a symlink left in the destination by an earlier package
 (every package of an application is unpacked into the same directory).
@@ -88,8 +88,6 @@ def test_hard_links_only_to_earlier_regular_files(tmp_path, members, why):
         safe_extract(arc, tmp_path / "out")
 
 
-@pytest.mark.xfail(strict=True, reason="nodes/packages.py checks a symlink's target only against the symlinks "
-                                       "seen so far; reported to the issue 7 owner")  # fmt: skip
 def test_symlink_through_a_later_symlink_refused(tmp_path):
     # a -> x/b/.. looks inside when checked; x/b -> .. comes later and makes a resolve to dest/..
     arc = make_tar(tmp_path / "late.tar", (add_link, "a", "x/b/.."), (add_dir, "x"), (add_link, "x/b", ".."))
@@ -102,8 +100,6 @@ def test_symlink_through_a_later_symlink_refused(tmp_path):
     assert not escapes(dest, "a"), "a symlink of the archive resolves outside the destination"
 
 
-@pytest.mark.xfail(strict=True, reason="nodes/packages.py chmods a directory member through an existing "
-                                       "symlink of the destination; reported to the issue 7 owner")  # fmt: skip
 def test_directory_member_never_changes_a_directory_outside(tmp_path):
     base = tmp_path / "base"
     dest = base / "app"

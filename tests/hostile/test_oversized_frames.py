@@ -101,8 +101,6 @@ def test_bad_frames_are_counted_and_dropped_and_serving_goes_on(zctx):
     assert stats.dropped_total == len(bad) - 1 and stats.handler_errors == 0
 
 
-@pytest.mark.xfail(strict=True, reason="known bug planeloop-extra-frames (tests/fuzz/known.py): PlaneLoop does "
-                                       "not check MAX_EXTRA")  # fmt: skip
 def test_too_many_extra_frames_are_dropped(zctx):
     n = p.MAX_EXTRA + 1
     messages = [[header(body_len=1, extra=n), b"\x80", *([b"e"] * n)], good(0)]

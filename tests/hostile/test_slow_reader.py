@@ -9,10 +9,10 @@ what grows is the sender's queue):
   bytes, are bounded by the HWM.
 * ``ChunkService`` serving a hostile fetcher that ignores the credit window
   and sends request after request without reading the chunks.  Credits are
-  granted by the receiver, so they bound nothing here; only the data ROUTER's
-  HWM does, and it counts messages (10,000 by default) of up to ``MAX_CHUNK``
-  bytes each.  Marked xfail until the serving side bounds its bytes per peer
-  (reported for issue 7).
+  granted by the receiver, so they bound nothing here; the data ROUTER's
+  send HWM (``planes.DATA_ROUTER_SNDHWM``, 64 messages) times the largest
+  chunk a request may ask for (``transfer.MAX_CHUNK``, 1 MiB) does: the rest
+  of the replies is dropped and counted, and an honest fetcher asks again.
 """
 
 from __future__ import annotations
@@ -95,8 +95,6 @@ class _Link:
     on_data = None
 
 
-@pytest.mark.xfail(strict=True, reason="a fetcher that never reads makes ChunkService queue data_hwm chunks "
-                                       "(10,000 x up to MAX_CHUNK bytes); reported for issue 7")  # fmt: skip
 def test_chunk_service_memory_bounded_with_a_fetcher_that_never_reads(zctx, tmp_path):
     requests, chunk = 600, 256 * 1024
 

@@ -20,8 +20,6 @@ import pytest
 from manager import resources, spec
 
 SENTINEL = "SNSBUS-XXE-SENTINEL-41d8"
-KNOWN = pytest.mark.xfail(strict=True, reason="known bug spec-utf16-doctype (tests/fuzz/known.py): the <!DOCTYPE "
-                                              "byte scan misses UTF-16/UTF-32 documents")  # fmt: skip
 
 
 @pytest.fixture
@@ -73,15 +71,13 @@ _BROKEN = {(k, d, e) for e in _WIDE for k, d in (
     ("spec", "internal-entity-in-attribute"), ("spec", "file-entity-in-text"), ("spec", "network-entity"),
     ("directory", "internal-entity-in-attribute"), ("directory", "file-entity-in-text"),
     ("directory", "network-entity"), ("directory", "network-dtd"), ("directory", "parameter-entity"))}
-NAMESPACED = pytest.mark.xfail(strict=True, reason="known bug spec-namespaced-element (tests/fuzz/known.py): "
-                                                   "XPathEvalError instead of a SpecError")  # fmt: skip
 
 
 def cases():
     for kind in ROOTS:
         for doc in DOCS:
             for enc in ("utf-8", *_WIDE):
-                marks = [KNOWN] if (kind, doc, enc) in _BROKEN else [NAMESPACED] if doc == "xinclude" else []
+                marks = []  # the UTF-16/32 DOCTYPE and namespaced-element holes are fixed in manager/spec.py
                 yield pytest.param(kind, doc, enc, marks=marks, id=f"{kind}-{doc}-{enc}")
 
 
