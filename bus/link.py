@@ -10,6 +10,7 @@ with a fresh routing id so the new parent never confuses it with a stale peer.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from typing import Callable
 
@@ -19,6 +20,8 @@ from bus import protocol as p
 from bus.planes import PeerUnreachable, PlaneLoop, SocketFactory, endpoint_of
 
 __all__ = ["NodeLink"]
+
+log = logging.getLogger(__name__)
 
 
 def _identity() -> bytes:
@@ -60,7 +63,7 @@ class NodeLink:
         self._monitor = None
         self._monitor_fd = -1
         self._mon_loop: asyncio.AbstractEventLoop | None = None
-        self.counters = {"data_unhandled": 0, "parent_swaps": 0, "parent_disconnects": 0}
+        self.counters = {"data_unhandled": 0, "parent_swaps": 0, "parent_disconnects": 0, "handler_errors": 0}
         self._codec = p.new_codec()  # parses headers the PlaneLoop already validated
 
     def open(self) -> None:
@@ -170,6 +173,17 @@ class NodeLink:
             self.loop.decode(socket, frames)  # fails the same way, and the loop counts and logs it
             return None
 
+    def _guarded(self, handler, *args) -> None:
+        # One message's handler failing (a bug) must not cost the other peers' messages
+        # of the same batch: count it, log it (rate-limited by the counter), go on.
+        try:
+            handler(*args)
+        except Exception:
+            self.counters["handler_errors"] += 1
+            n = self.counters["handler_errors"]
+            if n & (n - 1) == 0:  # 1st, 2nd, 4th, 8th...: a storm does not flood the log
+                log.exception("a handler failed on one message (%d so far); the batch goes on", n)
+
     def _children_batch(self, batch: list) -> None:
         router = self.router
         heard = self.heard_child
@@ -179,7 +193,7 @@ class NodeLink:
                 continue
             msg = self._decode(router, frames, 1)
             if msg is not None and self.on_child is not None:
-                self.on_child(bytes(frames[0]), msg)
+                self._guarded(self.on_child, bytes(frames[0]), msg)
 
     def _parent_batch(self, batch: list) -> None:
         dealer = self.dealer
@@ -194,7 +208,7 @@ class NodeLink:
                 self._last_beat = frames[1]
             msg = self._decode(dealer, frames, 0)
             if msg is not None and self.on_parent is not None:
-                self.on_parent(msg)
+                self._guarded(self.on_parent, msg)
             if self.dealer is not dealer:
                 return  # the handler re-parented us: the rest of the batch is stale
 
@@ -205,4 +219,4 @@ class NodeLink:
         for frames in batch:
             msg = self._decode(self.data, frames, 1)
             if msg is not None:
-                self.on_data(bytes(frames[0]), msg)
+                self._guarded(self.on_data, bytes(frames[0]), msg)

@@ -25,6 +25,7 @@ from typing import Callable, Protocol
 
 from bus import policy
 from bus import protocol as p
+from bus.bodies import check_body
 from bus.convergecast import Convergecast, OpResult
 from bus.policy import TreeConfig
 from core import fastpath as fp
@@ -144,6 +145,7 @@ class TreeNode(Convergecast):
             "ops": 0,
             "ops_expired": 0,
             "unknown_peer": 0,
+            "bad_bodies": 0,  # control messages dropped by bus.bodies.check_body
         }
 
     # -- lifecycle -------------------------------------------------------------
@@ -331,9 +333,16 @@ class TreeNode(Convergecast):
         self._begin_join([*first, self.root_endpoint], now)
 
     # -- messages from the parent ----------------------------------------------------
+    def _bad_body(self, t: int, why: str) -> None:
+        self.counters["bad_bodies"] += 1
+        log.debug("%s: dropped a message: %s", self.name, why)
+
     def on_parent(self, msg: p.Message) -> None:
         now = self.clock()
         t = msg.header.type
+        why = check_body(t, msg.body)
+        if why is not None:
+            return self._bad_body(t, why)
         body = msg.body if isinstance(msg.body, dict) else {}
         if self.state == JOINING:
             if t == p.MsgType.JOIN_ACCEPT:
@@ -412,6 +421,9 @@ class TreeNode(Convergecast):
     def on_child(self, identity: bytes, msg: p.Message) -> None:
         now = self.clock()
         t = msg.header.type
+        why = check_body(t, msg.body)
+        if why is not None:
+            return self._bad_body(t, why)
         body = msg.body if isinstance(msg.body, dict) else {}
         if t == p.MsgType.JOIN:
             self._on_join(identity, body, now)

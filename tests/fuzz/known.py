@@ -35,18 +35,6 @@ class Known:
 _BODY = ("KeyError", "TypeError", "ValueError", "OverflowError", "AttributeError")
 
 KNOWN: tuple[Known, ...] = (
-    Known("tree-bodies", "tree", _BODY,
-          (("bus/tree.py", None), ("bus/convergecast.py", "_on_command")),
-          "TreeNode's handlers index and iterate body fields without checking their types: JOIN without "
-          "'id' (KeyError in _accept), JOIN 'sub' not a list, JOIN_ACCEPT without 'id' or with 'cfg' not a "
-          "map / an unknown policy / heartbeat 0 (ValueError from TreeConfig after the node half-changed its "
-          "state), ids over 32 bits or not ints (OverflowError/ValueError from the fast path), HEARTBEAT "
-          "'path' as bytes or 'd' None, COMMAND 'rem' None. In production the PlaneLoop counts a "
-          "handler_error and drops the REST OF THE BATCH (other peers' messages)."),
-    Known("reply-bodies", "convergecast", _BODY,
-          (("bus/convergecast.py", "_on_reply"), ("bus/policy.py", "merge_groups"), ("manager/root.py", "outcome")),
-          "Convergecast._on_reply trusts the REPLY body: 'g' or 'm' not lists (len() of a float), a group "
-          "whose key or ids are unhashable (merge_groups), 'm' items that are not pairs."),
 )
 
 
