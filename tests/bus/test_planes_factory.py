@@ -121,9 +121,10 @@ def test_every_socket_passes_through_the_one_security_hook(zctx):
     seen = []
 
     class Recording(SocketFactory):
-        def _secure(self, sock, *, server):
-            # Called before bind/connect, where CURVE options must be set.
+        def _secure(self, sock, *, server, endpoint=""):
+            # Called before bind/connect, where CURVE options must be set; returns the endpoint to use.
             seen.append((sock.type, server, endpoint_of(sock)))
+            return endpoint
 
     f = Recording(zctx, linger=0)
     try:
