@@ -7,7 +7,7 @@ VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 PYTEST  := $(VPY) -m pytest
 
-.PHONY: all install build test test-pure test-deps demo bench fuzz clean
+.PHONY: all install build test test-pure test-deps demo bench fuzz chaos clean
 
 all: test
 
@@ -62,5 +62,12 @@ fuzz: build
 	$(VPY) -m pip install -q -e '.[fuzz]'
 	$(VPY) -m tools.fuzz --seconds $(FUZZ_SECONDS) --twin both
 
+# The long chaos run under load (tools/chaos.py): kill -9 workers, nodes, a front end and the
+# manager while TranSend serves; prints figures and the command to reproduce, writes chaos-report.json.
+CHAOS_SECONDS ?= 90
+CHAOS_SEED    ?= 1
+chaos: build
+	$(VPY) -m tools.chaos --seconds $(CHAOS_SECONDS) --seed $(CHAOS_SEED) --report chaos-report.json
+
 clean:
-	rm -rf $(VENV) build *.egg-info core/_fastpath.c core/_fastpath*.so core/_fastpath.stamp core/_fastpath.html
+	rm -rf $(VENV) build *.egg-info chaos-report.json core/_fastpath.c core/_fastpath*.so core/_fastpath.stamp core/_fastpath.html
