@@ -13,6 +13,7 @@ front end restarted by its node's supervisor (restart policy ``always``).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import socket
@@ -62,9 +63,43 @@ class ManagerWatch:
         self._task: asyncio.Task | None = None
         self._started = clock()
         self._children: list[subprocess.Popen] = []  # managers we started (they outlive us: own session)
+        self._saved: dict | None = None
 
     def start(self) -> None:
+        if getattr(self.beacons, "restart_info", None) is None:
+            self.beacons.restart_info = self._load()  # a front end restarted while the manager is down
         self._task = asyncio.get_running_loop().create_task(self._run(), name="manager-watch")
+
+    # The manager says how to restart it only while it runs; keep it on disk (the
+    # application directory the node gives the front end) for a front end that is
+    # itself restarted while the manager is down.
+    @staticmethod
+    def _path():
+        base = os.environ.get("SNSBUS_APP_DIR")
+        return os.path.join(base, ".snsbus", "manager-restart.json") if base else None
+
+    def _load(self) -> dict | None:
+        path = self._path()
+        try:
+            with open(path) as f:
+                info = json.load(f)
+            return info if isinstance(info, dict) else None
+        except (OSError, TypeError, ValueError):
+            return None
+
+    def _save(self, info: dict) -> None:
+        path = self._path()
+        if path is None or info == self._saved:
+            return
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            tmp = f"{path}.{os.getpid()}.tmp"
+            with open(tmp, "w") as f:
+                json.dump(info, f)
+            os.replace(tmp, path)
+            self._saved = info
+        except OSError as e:
+            log.warning("cannot keep the manager's restart command in %s: %s", path, e)
 
     async def stop(self) -> None:
         if self._task is not None:
@@ -82,6 +117,8 @@ class ManagerWatch:
 
     async def check(self) -> bool:
         self._children = [c for c in self._children if c.poll() is None]
+        if getattr(self.beacons, "restart_info", None):
+            self._save(self.beacons.restart_info)
         now = self.clock()
         age = self.beacons.age()
         silent = age if age is not None else None

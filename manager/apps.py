@@ -84,6 +84,7 @@ class AppController:
         self.cache = PackageCache(Path(state_dir) / "cache")
         self.records: dict[str, dict] = {}
         self._tasks: dict[str, asyncio.Task] = {}
+        self._fencing: set[asyncio.Task] = set()
         for path in sorted(self.dir.glob("*.json")):
             try:
                 rec = json.loads(path.read_text())
@@ -120,6 +121,7 @@ class AppController:
                 alive = {m.name for m in self.mgr.membership.alive()}
                 now = time.monotonic()
                 for rec in list(self.records.values()):
+                    self._fence(rec, alive)
                     if rec["phase"] != RUNNING or rec["name"] in self._tasks:
                         continue
                     for comp, names in rec["assignment"].items():
@@ -135,6 +137,21 @@ class AppController:
                                 break
             except Exception:  # a bug here must not stop the watch
                 log.exception("application watch failed")
+
+    def _fence(self, rec: dict, alive: set) -> None:
+        """A node whose part was moved to a spare and that is back (it was cut off, not dead)
+        still runs its copy: stop it there, once, so no process runs twice."""
+        fenced = rec.setdefault("fenced", [])
+        used = plan.used_nodes(rec["assignment"])
+        for old in rec.get("replaced", {}):
+            if old in alive and old not in used and old not in fenced:
+                fenced.append(old)
+                self._event(rec, f"node {old} is back but was replaced: stopping its copy of {rec['name']}")
+                self._save(rec)
+                task = asyncio.get_running_loop().create_task(
+                    self._ask([old], "app.cleanup", {"app": rec["name"]}, 30.0))
+                self._fencing.add(task)
+                task.add_done_callback(self._fencing.discard)
 
     async def _heal(self, rec: dict, comp: str, node: str) -> None:
         """Put ``comp``'s part of a running app back on a spare node: install, then its process blocks."""
@@ -184,6 +201,8 @@ class AppController:
                 self._tasks.pop(rec["name"], None)
 
     async def close(self) -> None:
+        for t in list(self._fencing):
+            t.cancel()
         watch = getattr(self, "_watch", None)
         if watch is not None:
             watch.cancel()

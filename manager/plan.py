@@ -46,6 +46,7 @@ def overflow_pool(app: Application, resources: Sequence[Resource]) -> dict[str, 
 def spare_for(component: Component, resources: Sequence[Resource], live: Collection[str],
               used: Collection[str]) -> str | None:
     """A live matching node that no component uses yet (Plush's partial-failure handling), or None."""
+    resources = [r for r in resources if not is_overflow(r)]  # borrowed by the spawner only
     try:
         pool = match(Component(component.name, 1, component.software, component.resources), resources,
                      [n for n in live if n not in used])

@@ -122,9 +122,10 @@ class Manager:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         info = {"pid": os.getpid(), "control": self.link.control_endpoint, "data": self.link.data_endpoint,
                 "epoch": self.root.epoch, "monitor": self.monitor.url if self.monitor is not None else None}
-        tmp = self.state_dir / "manager.json.tmp"
+        tmp = self.state_dir / f"manager.json.{os.getpid()}.tmp"
         tmp.write_text(json.dumps(info))
         tmp.replace(self.state_dir / "manager.json")
+        self._wrote_state = True
 
     async def _tick_forever(self) -> None:
         while True:
@@ -200,8 +201,14 @@ class Manager:
             self.factory.close(linger=0)
         if self.context is not None:
             self.context.term()
-        if self.state_dir is not None:
-            (self.state_dir / "manager.json").unlink(missing_ok=True)
+        if self.state_dir is not None and getattr(self, "_wrote_state", False):
+            # Only ours: a manager that failed to bind (another one runs) must not remove its file.
+            path = self.state_dir / "manager.json"
+            try:
+                if json.loads(path.read_text()).get("pid") == os.getpid():
+                    path.unlink()
+            except (OSError, ValueError):
+                pass
 
     async def __aenter__(self) -> "Manager":
         await self.start()

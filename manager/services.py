@@ -268,6 +268,10 @@ class ServiceManager:
     def _send_beacons(self, now: float) -> None:
         if not self.subscribers:
             return
+        if now - self._started < self.report_ttl * 1.5:
+            # Just (re)started: the table holds only the stubs that reported so far. Front ends
+            # keep their last table (marked stale) rather than get a nearly empty one.
+            return
         frames_of = {}
         for ident, (name, _) in list(self.subscribers.items()):
             if name not in frames_of:

@@ -74,3 +74,32 @@ def _new_manager(sdir, old_pid):
     info = state.manager_info(sdir)
     pid = info.get("pid") if info else None
     return pid if pid and pid != old_pid and state.pid_alive(pid) else None
+
+
+def test_restart_command_survives_a_front_end_restart(tmp_path, monkeypatch):
+    """A front end restarted while the manager is down still knows how to restart it."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from frontends.peers import ManagerWatch
+
+    monkeypatch.setenv("SNSBUS_APP_DIR", str(tmp_path))
+    live = SimpleNamespace(restart_info=dict(INFO), endpoint="tcp://127.0.0.1:1", age=lambda: 0.1)
+
+    async def first():
+        w = ManagerWatch(live, interval=60)
+        w.start()
+        await w.check()  # beacons flowing: nothing to do, but the command is kept on disk
+        await w.stop()
+
+    asyncio.run(first())
+    assert json.loads((tmp_path / ".snsbus" / "manager-restart.json").read_text()) == INFO
+    reborn = SimpleNamespace(restart_info=None, endpoint="tcp://127.0.0.1:1", age=lambda: None)
+
+    async def second():
+        w = ManagerWatch(reborn, interval=60)
+        w.start()
+        await w.stop()
+
+    asyncio.run(second())
+    assert reborn.restart_info == INFO
