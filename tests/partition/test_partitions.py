@@ -13,10 +13,8 @@ The manager also heals *running* applications: a node of theirs not alive for
 * a cut shorter than that grace must change nothing: same pids, same assignment;
 * a longer cut gets the component re-run on a spare; when the cut node comes
   back, its own copy must be stopped, or the application runs one copy too
-  many for ever.  Today nothing stops it: those tests are ``xfail(strict)``
-  and turn into failures (remove the mark) once the manager fences a returning
-  node.  Their preconditions fail with ``pytest.fail`` (not an
-  ``AssertionError``), so a regression there is not hidden by the mark.
+  many for ever.  The manager fences a returning node (``AppController._fence``
+  cleans its copy up), which these tests check.
 
 Skipped unless root can create namespaces.  Everything (processes, namespaces,
 veth pairs, bridge) is removed by the ``Netns`` context even when a test fails.
@@ -234,9 +232,6 @@ def test_short_cut_of_an_interior_node_detected_subtree_rejoins_heal_nothing_sta
         c.close()
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="a node whose component was healed onto a spare while it was cut off keeps running "
-                          "its copy after the heal: nothing fences a returning node (manager/apps.py)")
 def test_long_cut_heals_on_a_spare_and_the_returning_node_stops_its_copy(net, tmp_path):
     c = Cluster(net, tmp_path, heartbeat=0.2)
     try:
@@ -268,9 +263,6 @@ def test_long_cut_heals_on_a_spare_and_the_returning_node_stops_its_copy(net, tm
         c.close()
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="a node replaced by a spare mid-deploy while cut off keeps running the app's "
-                          "processes after the heal: nothing fences a returning node (manager/apps.py)")
 def test_node_cut_mid_deploy_is_replaced_and_its_copy_is_stopped_after_the_heal(tmp_path):
     with netns.Netns(4) as net:
         c = Cluster(net, tmp_path, heartbeat=0.2)
