@@ -196,7 +196,8 @@ def test_manager_killed_under_load_is_restarted_by_the_front_end_and_idle_worker
         fe, [m["name"] for m in manifest], origin_url, concurrency=8, duration=10.0, zipf=0.0,
         params={"w": 500}, vary={"q": range(20, 96)}, timeout=30)))
     load.start()
-    time.sleep(2.0)
+    with CtlClient(mgr["control"], timeout=10) as client:  # the burst spawns a second distiller first
+        wait_for(lambda: len([i for i in _services(client)["instances"] if i["w"] == "distill"]) >= 2, timeout=8)
     os.kill(mgr["pid"], signal.SIGKILL)
     load.join(60)
     report = reports[0]
@@ -216,7 +217,9 @@ def test_manager_killed_under_load_is_restarted_by_the_front_end_and_idle_worker
         wait_for(lambda: len([i for i in _services(client)["instances"] if i["w"] == "distill"]) == 1,
                  timeout=30)
         events = client.call("services")["events"]
-        assert any(e["kind"] == "reap" for e in events)
+        if len([i for i in rebuilt["instances"] if i["w"] == "distill"]) > 1:
+            # (the old manager may have reaped the extra one itself before it was killed)
+            assert any(e["kind"] == "reap" for e in events), events
         assert not any(e["kind"] == "spawn" and "below the minimum" in e["detail"] for e in events), events
     status, headers, _ = _get(f"{fe}/distill?url={origin_url}/{manifest[0]['name']}&w=123")
     assert status == 200 and "X-SNS-Approximate" not in headers
