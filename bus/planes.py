@@ -39,7 +39,7 @@ import logging
 import os
 import selectors
 import time
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import zmq
 import zmq.asyncio
@@ -48,7 +48,8 @@ from bus import protocol
 from bus.protocol import (DATA_PLANE_MIN, HEADER_SIZE, MAX_EXTRA, BusError, FrameTooLarge, MalformedFrame,
                           Message, Plane, ProtocolError, UnknownType)
 from bus.plane_stats import LoopStatistics, PlaneStatistics, _Counters, _LogLimiter
-from bus.security import Security, SecurityError
+if TYPE_CHECKING:
+    from bus.security import Security
 from core.fastpath import drain, events, send_nowait
 
 __all__ = [
@@ -209,7 +210,7 @@ class SocketFactory:
                 sock.setsockopt(zmq.SNDHWM, min(self._hwm[plane], DATA_ROUTER_SNDHWM))
             self._secure(sock, server=True)
             sock.bind(bind_endpoint)
-        except (zmq.ZMQError, SecurityError) as e:
+        except (zmq.ZMQError, BusError) as e:  # BusError: bus.security.SecurityError
             self._discard(sock)
             raise SocketSetupError(
                 f"cannot bind the {plane.name.lower()}-plane ROUTER to {bind_endpoint}: {e}"
@@ -227,7 +228,7 @@ class SocketFactory:
             sock.setsockopt(zmq.RECONNECT_IVL, self._reconnect[0])
             sock.setsockopt(zmq.RECONNECT_IVL_MAX, self._reconnect[1])
             sock.connect(self._secure(sock, server=False, endpoint=endpoint))
-        except (zmq.ZMQError, SecurityError) as e:
+        except (zmq.ZMQError, BusError) as e:  # BusError: bus.security.SecurityError
             self._discard(sock)
             raise SocketSetupError(
                 f"cannot connect the {plane.name.lower()}-plane DEALER to {endpoint}: {e}"

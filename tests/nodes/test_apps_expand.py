@@ -35,3 +35,12 @@ def test_bus_node_does_not_import_the_worker_stub_until_a_service_needs_it():
     check = "import sys, nodes.agent; print('nodes.stub' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", check], capture_output=True, text=True).stdout.strip() == "False"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_bus_node_does_not_import_curve_key_management_unless_used():
+    """RSS budget: bus.security (threads, key files) loads only when a node runs with keys."""
+    import subprocess
+    import sys
+
+    check = "import sys, nodes.cli, nodes.agent, bus.planes; print('bus.security' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", check], capture_output=True, text=True).stdout.strip() == "False"
