@@ -108,21 +108,6 @@ def cpu_snapshot(pids: Iterable[int]) -> dict[int, float]:
     return {pid: cpu_of(pid) for pid in pids}
 
 
-def _procs() -> list[tuple[int, int, list[bytes]]]:
-    """``(pid, ppid, argv)`` of every process we can see."""
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-            ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        out.append((int(entry), ppid, argv))
-    return out
-
-
 # -- the origin and a deployment ---------------------------------------------------------
 
 
@@ -297,7 +282,7 @@ class Deployment:
         """Processes by role: manager, worker node (stub + caches), worker processes, front end."""
         nodes = {n["name"]: n["pid"] for n in (cluster.cluster_info(self.sdir) or {}).get("nodes", [])}
         node = nodes.get(f"{self.app}-w")
-        procs = _procs()
+        procs = state.processes()
         workers = [pid for pid, ppid, argv in procs if ppid == node and b"nodes.worker" in argv]
         fe = [pid for pid, _, argv in procs if b"frontends" in argv and self.control.encode() in argv]
         return {"manager": [self.manager["pid"]], "node": [node] if node else [], "workers": workers, "frontend": fe}

@@ -117,6 +117,25 @@ def proc_cmdline(pid: int) -> str | None:
         return None
 
 
+def processes() -> list[tuple[int, int, list[bytes]]]:
+    """``(pid, parent pid, argv)`` of every process ``/proc`` shows (empty without ``/proc``)."""
+    out = []
+    if not _HAVE_PROC:
+        return out
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                ppid = int(f.read().rsplit(b")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue  # gone meanwhile, or not ours to read
+        out.append((int(entry), ppid, argv))
+    return out
+
+
 def pid_alive(pid: int) -> bool:
     """Whether ``pid`` names a running (not zombie) process."""
     if pid <= 0:

@@ -194,3 +194,14 @@ def test_state_dir_default(monkeypatch, tmp_path):
     monkeypatch.delenv("XDG_STATE_HOME")
     monkeypatch.setenv("HOME", str(tmp_path))
     assert state.default_state_dir() == tmp_path / ".local" / "state" / "snsbus"
+
+
+def test_processes_lists_pid_parent_and_argv():
+    import os
+    import sys
+
+    from tools import state
+
+    mine = [p for p in state.processes() if p[0] == os.getpid()]
+    assert len(mine) == 1 and mine[0][1] == os.getppid()
+    assert os.path.basename(sys.executable).encode() in os.path.basename(mine[0][2][0])
