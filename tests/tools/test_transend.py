@@ -158,3 +158,58 @@ def _worker_pids(state_dir) -> list[int]:
     nodes = {n["pid"] for n in (cluster.cluster_info(state_dir) or {}).get("nodes", [])}
     return [pid for pid, ppid, argv in state.processes()
             if b"nodes.worker" in argv and ppid in nodes and state.pid_alive(pid)]
+
+
+
+def test_manager_killed_under_load_is_restarted_by_the_front_end_and_idle_workers_are_reaped(
+        state_dir, tmp_path, origin):
+    """Front ends keep serving on the last load table; a front end restarts the manager, which
+    rebuilds its load table from the stubs' reports; after the burst, idle workers are reaped."""
+    import threading
+
+    from tools.loadgen import run_load
+
+    origin_url, images, manifest = origin
+    spec = tmp_path / "transend.xml"
+    spec.write_text(SPEC.read_text().replace('idle_after="20" calm_for="5"', 'idle_after="2" calm_for="2"'))
+    mgr = cluster.start_manager(state_dir, port=0, heartbeat=0.2, misses=3)
+    port = cluster.free_port("127.0.0.1")
+    res = CliRunner().invoke(main, ["deploy", str(spec), "-r", str(DIRECTORY), "--state-dir", str(state_dir),
+                                    "--set", f"ORIGIN={origin_url}", "--set", f"PORT={port}", "--json"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["phase"] == "running", res.output
+    fe = f"http://127.0.0.1:{port}"
+    wait_for(lambda: _get(fe + "/health")[0] == 200, timeout=20)
+    wait_for(lambda: json.loads(_get(fe + "/stats")[2])["beacons"]["workers"] >= 3, timeout=10)
+
+    reports = []
+    load = threading.Thread(target=lambda: reports.append(run_load(
+        fe, [m["name"] for m in manifest], origin_url, concurrency=8, duration=10.0, zipf=0.0,
+        params={"w": 500}, vary={"q": range(20, 96)}, timeout=30)))
+    load.start()
+    with CtlClient(mgr["control"], timeout=10) as client:  # the burst spawns a second distiller first
+        wait_for(lambda: len([i for i in _services(client)["instances"] if i["w"] == "distill"]) >= 2, timeout=8)
+    os.kill(mgr["pid"], signal.SIGKILL)
+    load.join(60)
+    report = reports[0]
+    assert report["errors"] == 0 and report["ok"] > 50, report  # nothing lost while the manager was gone
+
+    new_pid = wait_for(lambda: (lambda i: i["pid"] if i and i.get("pid") != mgr["pid"]
+                                and state.pid_alive(i["pid"]) else None)(state.manager_info(state_dir)), timeout=20)
+    assert json.loads(_get(fe + "/stats")[2])["peers"]["manager_restarts"] == 1
+    with CtlClient(mgr["control"], timeout=10) as client:
+        assert client.call("ping")["pid"] == new_pid
+        # The load table is rebuilt from the stubs' reports (soft state), with no duplicate minimum spawns.
+        rebuilt = wait_for(lambda: (lambda s: s if any(i["w"] == "distill" for i in s["instances"])
+                                    and len([i for i in s["instances"] if i["cache"]]) == 2 else None)(
+            _services(client)), timeout=15)
+        assert {i["w"] for i in rebuilt["instances"]} >= {"distill", "sheet", "grey", "cache"}
+        # After the burst the idle distillers are reaped down to the minimum (overflow first).
+        wait_for(lambda: len([i for i in _services(client)["instances"] if i["w"] == "distill"]) == 1,
+                 timeout=30)
+        events = client.call("services")["events"]
+        if len([i for i in rebuilt["instances"] if i["w"] == "distill"]) > 1:
+            # (the old manager may have reaped the extra one itself before it was killed)
+            assert any(e["kind"] == "reap" for e in events), events
+        assert not any(e["kind"] == "spawn" and "below the minimum" in e["detail"] for e in events), events
+    status, headers, _ = _get(f"{fe}/distill?url={origin_url}/{manifest[0]['name']}&w=123")
+    assert status == 200 and "X-SNS-Approximate" not in headers
