@@ -46,6 +46,8 @@ def test_up_exec_failure_down(state_dir):
     assert cluster.kill_node(victim["pid"], state_dir=state_dir)
     with CtlClient(endpoint) as client:
         wait_for(lambda: client.call("ping")["members"] == 3, timeout=20)
+        # ...and the survivors' repair is done: a broadcast reaches all three of them again.
+        wait_for(lambda: client.call("broadcast", op="ping", timeout=1.0)["answered"] == 3, timeout=20)
     res = runner.invoke(main, ["exec", "--state-dir", str(state_dir), "--timeout", "3", "--", "true"])
     assert res.exit_code == 1
     line = res.stderr.splitlines()[0]
