@@ -25,7 +25,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tools import cluster  # noqa: E402
-from tools.client import CtlClient  # noqa: E402
 
 SPEC = """<project name="bench">
   <software name="payload" type="tar"><package name="payload" type="file"><path>{pkg}</path></package></software>
@@ -55,15 +54,15 @@ def run(mode: str, args, work: Path, pkg: Path) -> tuple[float, int, str]:
     sdir = work / mode
     policy, k = ("star", 4) if mode == "star" else ("randtree", args.fanout)
     try:
-        mgr = cluster.start_manager(sdir, port=0, policy=policy, max_children=k)
+        mgr = cluster.start_manager(sdir, port=0, policy=policy, max_children=k, insecure=args.insecure)
         per = args.nodes // args.procs
         nodes = cluster.start_nodes(sdir, args.nodes, per_process=per, prefix="bench", group="bench")
-        cluster.wait_members(mgr["control"], args.nodes, timeout=60, watch=nodes)
+        cluster.wait_members(mgr["control"], args.nodes, timeout=60, watch=nodes, state_dir=sdir)
         names = [f"{e['name']}-{i}" for e in nodes for i in range(per)]
         rows = "\n".join(f'<resource name="{n}" type="local" group="bench"/>' for n in names)
         directory = f"<resources>{rows}</resources>"
         spec = SPEC.format(pkg=pkg, n=args.nodes)
-        with CtlClient(mgr["control"], timeout=120) as client:
+        with cluster.client(sdir, mgr["control"], timeout=120) as client:
             t0 = time.perf_counter()
             client.request("deploy", {"spec": spec, "spec_file": str(work / "bench.xml"), "resources": directory,
                                       "resources_file": str(work / "dir.xml"), "cwd": str(work)})
@@ -95,6 +94,7 @@ def main() -> int:
     ap.add_argument("--fanout", type=int, default=4)
     ap.add_argument("--keep-logs", action="store_true", help="keep the state directories (logs) for a look")
     ap.add_argument("--only", choices=("tree", "star"), default=None)
+    ap.add_argument("--insecure", action="store_true", help="plain TCP instead of CurveZMQ (the default)")
     args = ap.parse_args()
     # On tmpfs when there is one: 100 logical nodes share this machine's one disk, where a real
     # deploy has a disk per machine; the figure is the system's, not this disk's fsync queue.

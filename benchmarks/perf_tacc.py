@@ -65,10 +65,10 @@ from bus.planes import PlaneLoop, SocketFactory, new_context  # noqa: E402
 from frontends.dispatch import (NO_WORKERS, TRANSFORMATION, BeaconClient, DataPlane, NoWorkerAvailable,  # noqa: E402
                                 TaskClient, WorkerRow)  # fmt: skip
 from tools import cluster, state  # noqa: E402
-from tools.client import CtlClient  # noqa: E402
 
 ROWS: list[tuple] = []
 W = "benchmarks.tacc_workers"
+INSECURE = False  # --insecure: plain TCP; by default the clusters run CurveZMQ, as `bus-ctl up` does
 DISTILL = "examples.transend.distill:distill_worker"
 TINY = "tiny.bin"  # the echo benchmark's "original": 64 bytes on the origin
 
@@ -210,8 +210,13 @@ class Deployment:
     def __enter__(self) -> "Deployment":
         self.sdir = Path(tempfile.mkdtemp(prefix=f"snsbus-tacc-{self.app}-"))
         try:
-            self.manager = cluster.start_manager(self.sdir, port=0)
+            self.manager = cluster.start_manager(self.sdir, port=0, insecure=INSECURE)
             self.control = self.manager["control"]
+            self.security = None  # the in-process dispatch connects as the cluster's front ends do
+            if self.manager["keys"]:
+                from bus.security import Security
+
+                self.security = Security.from_key_dir(self.manager["keys"]["frontend_keys"])
             port = cluster.free_port("127.0.0.1") if self.origin else None
             spec, directory = self.sdir / "bench.xml", self.sdir / "directory.xml"
             spec.write_text(self.spec(port))
@@ -257,7 +262,7 @@ class Deployment:
         return res.stdout
 
     def services(self) -> dict:
-        with CtlClient(self.control, timeout=10) as c:
+        with cluster.client(self.sdir, self.control, timeout=10) as c:
             return c.call("services")
 
     def instances(self, cache: bool) -> list[dict]:
@@ -304,10 +309,10 @@ class RoundRobinClient(TaskClient):
 
 
 @asynccontextmanager
-async def dispatcher(control: str, svc: str, *, round_robin: bool = False, timeout: float = 10.0):
+async def dispatcher(control: str, svc: str, *, round_robin: bool = False, timeout: float = 10.0, security=None):
     """The front end's dispatch (beacons, data plane, TaskClient; and a round-robin one) in this process."""
     ctx = new_context()
-    factory = SocketFactory(ctx, linger=0)
+    factory = SocketFactory(ctx, linger=0, security=security)
     loop = PlaneLoop()
     await loop.start()
     beacons = BeaconClient(factory, loop, control, svc)
@@ -505,7 +510,7 @@ def bench_echo(args, origin: Origin) -> None:
         roles = dep.pids()
 
         async def dispatch_level():
-            async with dispatcher(dep.control, dep.svc) as (_, tasks, _rr):
+            async with dispatcher(dep.control, dep.svc, security=dep.security) as (_, tasks, _rr):
                 await _echo_calls(tasks, conc, 0.5)  # warm up: connections, costs
                 pids = {"front end (this process)": [os.getpid()], "stub (node)": roles["node"],
                         "workers": roles["workers"], "manager": roles["manager"]}
@@ -606,7 +611,7 @@ def bench_balance(args) -> None:
     with Deployment("tbalance", spec, slots=fast + 1) as dep:
 
         async def run():
-            async with dispatcher(dep.control, dep.svc, round_robin=True) as (beacons, p2c, rr):
+            async with dispatcher(dep.control, dep.svc, round_robin=True, security=dep.security) as (beacons, p2c, rr):
                 await _open_loop(rr, rate, 2.0, ms, seed=0)  # warm up: every worker's cost measured
                 await _settle(beacons, (p2c, rr))
                 out = {}
@@ -709,7 +714,7 @@ def bench_spawn(args) -> None:
 
         async def run():
             out = []
-            async with dispatcher(dep.control, dep.svc) as (beacons, tasks, _):
+            async with dispatcher(dep.control, dep.svc, security=dep.security) as (beacons, tasks, _):
                 for i in range(args.spawn_trials):
                     await _wait_idle_pool(dep, beacons)
                     r = await _step(dep, tasks, c, ms, hold, limit=10.0)
@@ -744,12 +749,15 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 2, help="distill/echo worker processes (N)")
     ap.add_argument("--spawn-trials", type=int, default=3)
     ap.add_argument("--keep-logs", action="store_true", help="keep the state directories (logs) for a look")
+    ap.add_argument("--insecure", action="store_true", help="plain TCP instead of CurveZMQ")
     args = ap.parse_args()
+    global INSECURE
+    INSECURE = args.insecure
     Deployment.keep_logs = args.keep_logs
     from core import fastpath
 
     print(f"snsbus TACC benchmarks (fast path: {fastpath.IMPLEMENTATION}, {os.cpu_count()} CPUs, "
-          f"load average {os.getloadavg()[0]:.1f})")
+          f"load average {os.getloadavg()[0]:.1f}, {'plain TCP' if INSECURE else 'CurveZMQ'})")
     want = (lambda name: args.only in (None, name))  # noqa: E731
     if want("distill") or want("cache") or want("echo"):
         with Origin() as origin:

@@ -1,6 +1,9 @@
 """Overlay-tree benchmarks at scale, each with its baseline from the same run.
 
-    python benchmarks/perf_tree.py [--nodes 1000] [--procs 10] [--rounds 30]
+    python benchmarks/perf_tree.py [--nodes 1000] [--procs 10] [--rounds 30] [--insecure]
+
+The clusters run as ``bus-ctl up`` runs them: with CurveZMQ, unless
+``--insecure`` (plain TCP, the configuration issue 3's targets were first met in).
 
 Starts real managers and bus-node processes on loopback (``tools.cluster``),
 always stopped at the end, and prints one table:
@@ -36,7 +39,8 @@ sys.path.insert(0, str(ROOT))
 import psutil  # noqa: E402
 
 from tools import cluster  # noqa: E402
-from tools.client import CtlClient  # noqa: E402
+
+INSECURE = False  # --insecure: plain TCP instead of CurveZMQ
 
 ROWS: list[tuple] = []
 
@@ -79,9 +83,10 @@ class Cluster:
         self.client = None
         try:
             self.manager = cluster.start_manager(self.sdir, port=0, policy=self.policy,
-                                                 max_children=self.max_children, heartbeat=self.heartbeat)
+                                                 max_children=self.max_children, heartbeat=self.heartbeat,
+                                                 insecure=INSECURE)
             self.endpoint = self.manager["control"]
-            self.client = CtlClient(self.endpoint, timeout=60, connect_timeout=10)
+            self.client = cluster.client(self.sdir, self.endpoint, timeout=60, connect_timeout=10)
             t0 = time.monotonic()
             per = -(-self.n // self.procs)
             self.nodes = cluster.start_nodes(self.sdir, self.n, per_process=per)
@@ -193,7 +198,7 @@ def bench_exec_cli(args) -> None:
     ctl = shutil.which("bus-ctl", path=str(Path(sys.executable).parent)) or ""
     argv = [ctl] if ctl else [sys.executable, "-m", "tools.ctl"]
     with Cluster(30, 3, max_children=16) as c:
-        env = dict(os.environ, SNSBUS_ENDPOINT=c.endpoint)
+        env = dict(os.environ, SNSBUS_ENDPOINT=c.endpoint, SNSBUS_STATE_DIR=str(c.sdir))  # its client key
         walls, base = [], []
         for _ in range(args.exec_rounds):
             t = time.perf_counter()
@@ -231,10 +236,14 @@ def main() -> int:
     ap.add_argument("--repair-trials", type=int, default=3)
     ap.add_argument("--exec-rounds", type=int, default=10)
     ap.add_argument("--only", choices=["tree", "exec", "memory"], default=None)
+    ap.add_argument("--insecure", action="store_true", help="plain TCP instead of CurveZMQ")
     args = ap.parse_args()
+    global INSECURE
+    INSECURE = args.insecure
     from core import fastpath
 
-    print(f"snsbus tree benchmarks (fast path: {fastpath.IMPLEMENTATION}, {os.cpu_count()} CPUs)")
+    print(f"snsbus tree benchmarks (fast path: {fastpath.IMPLEMENTATION}, {os.cpu_count()} CPUs, "
+          f"{'plain TCP' if INSECURE else 'CurveZMQ'})")
     if args.only in (None, "memory"):
         bench_memory(args)
     if args.only in (None, "exec"):

@@ -120,6 +120,12 @@ SCHEMA: dict[str, tuple[Key, ...]] = {
             example="http://alerts.example.org/hook"),
         Key("alert_lost_percent", float, 20.0, "alert when the tree loses more than this share of its nodes",
             min=0.001, max=100),
+        Key("keys", str, None, "CurveZMQ key store (manager key, accepted/pending/revoked keys); unset: "
+                               "STATE_DIR/keys, else ~/.snsbus/manager/keys (created on first start)",
+            example="/var/lib/snsbus/manager/keys", path=True),
+        Key("open", bool, False, "accept every new key as it shows up (development only; revoked keys stay out)"),
+        Key("insecure", bool, False, "no CurveZMQ: plain TCP on both planes (every node must agree)",
+            aliases=("SNSBUS_INSECURE",)),
         *_logging("manager"),
     ),
     "node": (
@@ -137,6 +143,13 @@ SCHEMA: dict[str, tuple[Key, ...]] = {
         Key("join_timeout", float, 0.0, "give up (exit 3) if not joined after this many seconds; 0: never", min=0),
         Key("state_dir", str, None, "where applications live; unset: ~/.snsbus/node", aliases=("SNSBUS_NODE_DIR",),
             example="/var/lib/snsbus/node", path=True),
+        Key("key_dir", str, None, "this node's CurveZMQ keys (identity.key, made on first start; manager.pub; "
+                                  "the last keyring); unset: STATE_DIR/keys", example="/var/lib/snsbus/node/keys",
+            path=True),
+        Key("manager_key", str, None, "the manager's public key to pin (z85 text or a .pub file); unset: "
+                                      "KEY_DIR/manager.pub", example="/etc/snsbus/manager.pub"),
+        Key("insecure", bool, False, "no CurveZMQ: plain TCP on both planes (the manager must agree)",
+            aliases=("SNSBUS_INSECURE",)),
         *_logging("bus-node"),
     ),
     "frontend": (
@@ -158,6 +171,13 @@ SCHEMA: dict[str, tuple[Key, ...]] = {
         Key("max_original", int, None, "largest original in bytes; unset: the bus's frame limit (8 MiB)", min=1,
             example=4194304),
         Key("access_log", bool, False, "log every HTTP request"),
+        Key("key_dir", str, None, "this front end's CurveZMQ keys; unset: the key dir of the bus-node that "
+                                  "runs it, else ~/.snsbus/frontend/keys", aliases=("SNSBUS_KEY_DIR",),
+            example="/var/lib/snsbus/frontend/keys", path=True),
+        Key("manager_key", str, None, "the manager's public key to pin (z85 text or a .pub file); unset: "
+                                      "the bus-node's, else KEY_DIR/manager.pub", aliases=("SNSBUS_MANAGER_KEY",),
+            example="/etc/snsbus/manager.pub"),
+        Key("insecure", bool, False, "no CurveZMQ: plain TCP (the manager must agree)", aliases=("SNSBUS_INSECURE",)),
         *_logging("frontend"),
     ),
     "ctl": (

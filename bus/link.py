@@ -24,6 +24,10 @@ __all__ = ["NodeLink"]
 log = logging.getLogger(__name__)
 
 
+_HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                     | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+
+
 def _identity() -> bytes:
     # libzmq reserves routing ids starting with a zero byte.
     return b"\x01" + os.urandom(7)
@@ -63,7 +67,8 @@ class NodeLink:
         self._monitor = None
         self._monitor_fd = -1
         self._mon_loop: asyncio.AbstractEventLoop | None = None
-        self.counters = {"data_unhandled": 0, "parent_swaps": 0, "parent_disconnects": 0, "handler_errors": 0}
+        self.counters = {"data_unhandled": 0, "parent_swaps": 0, "parent_disconnects": 0, "handler_errors": 0,
+                         "handshake_failures": 0}
         self._codec = p.new_codec()  # parses headers the PlaneLoop already validated
 
     def open(self) -> None:
@@ -72,6 +77,10 @@ class NodeLink:
         self.data = self.factory.data_router(self._data_bind)
         self.control_endpoint = _advertised(endpoint_of(self.router), self._advertise)
         self.data_endpoint = _advertised(endpoint_of(self.data), self._advertise)
+        security = self.factory.security
+        if security is not None:  # tcp://host:port#<key>: whoever connects pins this process's key
+            self.control_endpoint = security.advertise(self.control_endpoint)
+            self.data_endpoint = security.advertise(self.data_endpoint)
         self.loop.add(self.router, p.Plane.CONTROL, self._children_batch)
         self.loop.add(self.data, p.Plane.DATA, self._data_batch)
 
@@ -117,7 +126,10 @@ class NodeLink:
         if self.parent_lost is None:
             return
         loop = self._mon_loop = asyncio.get_running_loop()
-        self._monitor = dealer.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED)
+        events = zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
+        if self.factory.security is not None:
+            events |= _HANDSHAKE_FAILED
+        self._monitor = dealer.get_monitor_socket(events)
         self._monitor_fd = self._monitor.getsockopt(zmq.FD)
         loop.add_reader(self._monitor_fd, self._on_monitor)
         self._on_monitor()  # the FD is edge-triggered: look once now
@@ -143,12 +155,30 @@ class NodeLink:
             kind = int.from_bytes(event[0][:2], "little")
             lost = lost or kind == zmq.EVENT_DISCONNECTED
             refused = refused or kind == zmq.EVENT_CONNECT_RETRIED
+            if kind & _HANDSHAKE_FAILED:  # the server refused our key (or we pinned the wrong one)
+                refused = True
+                self._handshake_failed(kind, event)
         if lost:
             self.counters["parent_disconnects"] += 1
             self.parent_lost()
         elif refused and self.connect_refused is not None:
             # Nothing listens there (that candidate parent died too): skip it now.
             self.connect_refused()
+
+    def _handshake_failed(self, kind: int, event: list) -> None:
+        self.counters["handshake_failures"] += 1
+        n = self.counters["handshake_failures"]
+        if n & (n - 1):
+            return  # 1st, 2nd, 4th...: a node retrying for hours does not flood its log
+        where = event[1].decode("utf-8", "replace") if len(event) > 1 else "?"
+        sec = self.factory.security
+        if kind == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+            log.warning("%s refused this process's key %s (%d times so far): if it is pending, admit it with "
+                        "`bus-ctl keys accept %s --name NAME`", where, sec.keypair.fingerprint, n,
+                        sec.keypair.fingerprint)
+        else:
+            log.warning("the CURVE handshake with %s failed (%d times so far): a wrong pinned key (check "
+                        "manager.pub / --manager-key), or that side runs --insecure", where, n)
 
     def send_parent(self, frames: list) -> bool:
         if self.dealer is None:

@@ -9,6 +9,8 @@ SIGTERM/SIGINT stop it cleanly (exit 0); a port already in use exits 1; a bad
 flag or configuration exits 2.  Logs go to stderr (``--log-format json``: one
 JSON object per line).  Every option's default comes from ``[frontend]`` of
 snsbus.toml and then from ``SNSBUS_FRONTEND_<KEY>`` (see :mod:`bus.config`).
+CurveZMQ is on unless ``--insecure``; run by a bus-node, a front end uses that
+node's key dir and pinned manager key (``$SNSBUS_KEY_DIR``, ``$SNSBUS_MANAGER_KEY``).
 """
 
 from __future__ import annotations
@@ -42,10 +44,16 @@ from bus.config import daemon_options
 @click.option("--max-original", default=None, type=click.IntRange(min=1),
               help="Largest original in bytes [default and maximum: the bus's frame limit, 8 MiB].")
 @click.option("--access-log", is_flag=True, help="Log every HTTP request.")
+@click.option("--key-dir", default=None, metavar="DIR",
+              help="CurveZMQ keys [default: $SNSBUS_KEY_DIR (set by the bus-node that runs it), "
+                   "else ~/.snsbus/frontend/keys].")
+@click.option("--manager-key", default=None, metavar="Z85|FILE",
+              help="The manager's public key to pin [default: $SNSBUS_MANAGER_KEY, else KEY_DIR/manager.pub].")
+@click.option("--insecure", is_flag=True, default=False, help="No CurveZMQ: plain TCP (the manager must agree).")
 @click.option("--log-level", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
 def main(manager, service, host, port, profiles, origins, timeout, attempt_timeout, attempts, max_queue,
-         fetch_timeout, max_original, access_log, log_level, log_format):  # fmt: skip
+         fetch_timeout, max_original, access_log, key_dir, manager_key, insecure, log_level, log_format):  # fmt: skip
     """Serve /distill, /sheet, /health and /stats for SERVICE, dispatching to its workers."""
     import asyncio
     import logging
@@ -57,6 +65,16 @@ def main(manager, service, host, port, profiles, origins, timeout, attempt_timeo
 
     logs.setup("frontend", log_level, log_format)
     extra = {} if max_original is None else {"max_original": max_original}
+    if not insecure:
+        import os
+
+        from bus.security import Security, SecurityError
+
+        try:
+            extra["security"] = Security.from_key_dir(key_dir or os.path.expanduser("~/.snsbus/frontend/keys"),
+                                                      manager_key=manager_key, name="frontend")
+        except SecurityError as e:
+            raise click.UsageError(f"{e} (or run with --insecure if the manager does)") from None
     try:
         config = FrontEndConfig(manager=manager, service=service, origins=tuple(origins), profiles=profiles,
                                 timeout=timeout, attempt_timeout=attempt_timeout, attempts=attempts,

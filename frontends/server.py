@@ -215,6 +215,7 @@ class FrontEndConfig:
     restart_manager: bool = True  # process peers: restart the manager when it is dead (same host only)
     private_origins: bool = False  # origin host names may resolve to private/loopback/link-local addresses
     manager_grace: float = 5.0  # seconds without a beacon before the manager counts as dead
+    security: object = None  # bus.security.Security: CURVE to the manager and the workers; None: plain TCP
 
     def __post_init__(self):
         try:
@@ -297,7 +298,7 @@ class FrontEnd:
         """Subscribe to the manager's beacons, open the profile store and the origin client."""
         cfg = self.config
         self._context = new_context()
-        self._factory = SocketFactory(self._context, linger=0)
+        self._factory = SocketFactory(self._context, linger=0, security=cfg.security)
         self._loop = PlaneLoop()
         await self._loop.start()
         self.beacons = BeaconClient(self._factory, self._loop, cfg.manager, cfg.service, renew=cfg.renew,

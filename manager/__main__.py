@@ -6,7 +6,9 @@ failure exits 1; a bad flag or configuration exits 2.
 
 Every option's default comes from ``[manager]`` of snsbus.toml and then from
 ``SNSBUS_MANAGER_<KEY>`` (see :mod:`bus.config`); ``--xmlrpc`` serves the
-XML-RPC API (:mod:`manager.xmlrpc`).
+XML-RPC API (:mod:`manager.xmlrpc`).  CurveZMQ is on unless ``--insecure``:
+the key store (``--keys``) is created on first start (:mod:`manager.keys`,
+docs/security.md); a key store it cannot read exits 1.
 """
 
 from __future__ import annotations
@@ -103,11 +105,16 @@ def _monitor_options(port, host, token_file, frontends, alert_command, alert_web
 @click.option("--alert-webhook", default=None, metavar="URL", help="URL each alert is POSTed to as JSON.")
 @click.option("--alert-lost-percent", type=click.FloatRange(0, 100, min_open=True), default=20.0,
               show_default=True, help="Alert when the tree loses more than this share of its nodes.")
+@click.option("--keys", default=None, type=click.Path(file_okay=False),
+              help="CurveZMQ key store [default: STATE_DIR/keys, else ~/.snsbus/manager/keys; made on first start].")
+@click.option("--open", is_flag=True, default=False,
+              help="Accept every new key as it shows up (development only).")
+@click.option("--insecure", is_flag=True, default=False, help="No CurveZMQ: plain TCP (every node must agree).")
 @click.option("--log-level", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
 def main(control, data, state_dir, max_children, policy, heartbeat, misses, xmlrpc, xmlrpc_allow_remote,
          xmlrpc_token_file, monitor_port, monitor_host, monitor_token_file, monitor_frontend, alert_command,
-         alert_webhook, alert_lost_percent, log_level, log_format):
+         alert_webhook, alert_lost_percent, keys, open, insecure, log_level, log_format):  # noqa: A002
     """Run the snsbus manager until SIGTERM/SIGINT or `bus-ctl down`."""
     import asyncio
     import logging
@@ -122,17 +129,29 @@ def main(control, data, state_dir, max_children, policy, heartbeat, misses, xmlr
                                alert_webhook, alert_lost_percent)
     logs.setup("manager", log_level, log_format)
     config = TreeConfig(max_children=max_children, policy=policy, heartbeat=heartbeat, misses=misses)
+    key_service = None
+    if not insecure:
+        import os
+
+        from manager.keys import KeyService, KeyStore
+
+        default = os.path.join(state_dir, "keys") if state_dir else os.path.expanduser("~/.snsbus/manager/keys")
+        key_service = KeyService(KeyStore(keys or default), open=open)
+    elif open:
+        raise click.BadParameter("--open admits keys, and --insecure has none: choose one", param_hint="--open")
 
     async def run() -> int:
-        mgr = Manager(control=control, data=data, config=config, state_dir=state_dir, monitor=monitor)
+        mgr = Manager(control=control, data=data, config=config, state_dir=state_dir, monitor=monitor, keys=key_service)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, mgr.request_stop)
         from manager.monitor import MonitorError
 
+        from bus.security import SecurityError
+
         try:
             await mgr.start()
-        except (SocketSetupError, MonitorError) as e:
+        except (SocketSetupError, MonitorError, SecurityError) as e:
             logging.getLogger("manager").error("%s", e)
             await mgr.stop()
             return 1

@@ -224,6 +224,20 @@ async def cmd_svc_enable(mgr, args: dict) -> dict:
         raise CommandError(BAD_ARGS, str(e).strip('"')) from None
 
 
+@command
+async def cmd_keys(mgr, args: dict) -> dict:
+    """``keys`` {op: list|add|accept|revoke, name, key, ref, force} -> the store's answer (see
+    :func:`manager.keys.apply_key_command`); a change is pushed down the tree at once (``push``)."""
+    if mgr.keys is None:
+        raise CommandError(FAILED, "this manager runs --insecure: it has no keys (restart it without --insecure)")
+    from bus.security import SecurityError
+
+    try:
+        return await mgr.keys.command(args)
+    except (SecurityError, ValueError) as e:
+        raise CommandError(BAD_ARGS, str(e)) from None
+
+
 async def _sync(fn, *a):
     return fn(*a)
 

@@ -35,6 +35,7 @@ class RootNode(TreeNode):
         self._controls: dict = {}
         self._open_at = 0.0
         self.on_load_report = None  # manager.services.ServiceManager.on_report
+        self.on_register = None  # manager.keys.KeyService.on_register: a newcomer gets the keyring
 
     @property
     def is_root(self) -> bool:
@@ -103,6 +104,8 @@ class RootNode(TreeNode):
             if self.routes.lookup(body["id"]) >= 0:
                 self.membership.registered(body)
                 self.unicast(body["id"], p.MsgType.REGISTER_ACK, {"ep": self.epoch})
+                if self.on_register is not None:
+                    self.on_register(body)
         elif t == p.MsgType.LOAD_REPORT:
             if self.on_load_report is not None:
                 self.on_load_report(body)

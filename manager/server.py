@@ -38,7 +38,8 @@ class Manager:
 
     def __init__(self, *, control: str = f"tcp://127.0.0.1:{DEFAULT_CONTROL_PORT}",
                  data: str = "tcp://127.0.0.1:0", config: TreeConfig = TreeConfig(),
-                 state_dir: str | os.PathLike | None = None, clock=time.monotonic, monitor: dict | None = None):
+                 state_dir: str | os.PathLike | None = None, clock=time.monotonic, monitor: dict | None = None,
+                 keys=None):
         self.control_bind = control
         self.data_bind = data
         self.config = config
@@ -58,6 +59,7 @@ class Manager:
         self.services = None  # manager.services.ServiceManager: TACC load balancing and spawning
         self.monitor_options = monitor  # manager.monitor.start_monitor keywords; None: no monitor
         self.monitor = None  # manager.monitor.Monitor while it serves
+        self.keys = keys  # manager.keys.KeyService: CURVE on every socket; None: plain TCP
 
     @property
     def membership(self):
@@ -68,7 +70,7 @@ class Manager:
 
     async def start(self) -> None:
         self.context = new_context()
-        self.factory = SocketFactory(self.context)
+        self.factory = SocketFactory(self.context, security=self.keys.load() if self.keys is not None else None)
         self.loop = PlaneLoop()
         await self.loop.start()
         self.link = NodeLink(self.factory, self.loop, control_bind=self.control_bind, data_bind=self.data_bind)
@@ -78,6 +80,9 @@ class Manager:
         self.link.on_child = self._on_control
         self.link.heard_child = self.root.heard_child
         self._started = self.clock()
+        if self.keys is not None:  # the keyring goes down the tree: at each change, to newcomers, every 30 s
+            self.keys.attach(self.root)
+            self.root.on_register = self.keys.on_register
         from manager.services import ServiceManager
 
         self.services = ServiceManager(self)
@@ -121,7 +126,8 @@ class Manager:
             return
         self.state_dir.mkdir(parents=True, exist_ok=True)
         info = {"pid": os.getpid(), "control": self.link.control_endpoint, "data": self.link.data_endpoint,
-                "epoch": self.root.epoch, "monitor": self.monitor.url if self.monitor is not None else None}
+                "epoch": self.root.epoch, "monitor": self.monitor.url if self.monitor is not None else None,
+                "key": self.public_key()}
         tmp = self.state_dir / f"manager.json.{os.getpid()}.tmp"
         tmp.write_text(json.dumps(info))
         tmp.replace(self.state_dir / "manager.json")
@@ -155,6 +161,14 @@ class Manager:
         frames = p.encode(p.MsgType.CTL_REPLY, reply, src=self.root.node_id, ref=msg.header.msg_id)
         self.link.send_child(identity, frames)
 
+    def public_key(self) -> str | None:
+        """The z85 key every client pins; None when running without CURVE."""
+        if self.keys is None or self.keys.security is None:
+            return None
+        from bus.security import encode_key
+
+        return encode_key(self.keys.security.public_key)
+
     def status(self) -> dict:
         r = self.root
         return {
@@ -166,6 +180,7 @@ class Manager:
             "counters": {**r.counters, **self.membership.counters},
             # bytes the controller uploaded: packages served from the root's data plane
             "transfer": self.chunks.statistics() if self.chunks is not None else {},
+            "security": self.keys.security.statistics() if self.keys is not None and self.keys.security else None,
         }
 
     def request_stop(self) -> None:
@@ -189,6 +204,8 @@ class Manager:
             await self.apps.close()
         if self.services is not None:
             await self.services.close()
+        if self.keys is not None:
+            await self.keys.close()
         if self.chunks is not None:
             self.chunks.close()
         if self.root is not None:

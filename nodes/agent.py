@@ -37,8 +37,18 @@ def _svc_op(name: str):
     return op
 
 
+def _keys_sync(node, args, budget):
+    """``keys.sync``: adopt the manager's keyring (:func:`bus.security.op_keys_sync`); ``{"v": -1}`` from a
+    node without CURVE, which never imports bus.security."""
+    if getattr(node, "security", None) is None:
+        return {"v": -1}
+    from bus.security import op_keys_sync
+
+    return op_keys_sync(node, args, budget)
+
+
 _SVC_OPS = ("svc.spawn", "svc.reap", "svc.cache", "svc.list", "svc.stop")
-_HANDLERS = {**HANDLERS, **APP_HANDLERS, **{name: _svc_op(name) for name in _SVC_OPS}}
+_HANDLERS = {**HANDLERS, **APP_HANDLERS, **{name: _svc_op(name) for name in _SVC_OPS}, "keys.sync": _keys_sync}
 
 
 def _new_stub(node, link):
@@ -61,7 +71,7 @@ class NodeHost:
     def __init__(self, join: str, names: list[str], *, bind_host: str = "127.0.0.1",
                  advertise_host: str | None = None, attrs: dict | None = None,
                  config: TreeConfig = TreeConfig(), seed: int | None = None,
-                 state_dir: str | os.PathLike | None = None):
+                 state_dir: str | os.PathLike | None = None, security=None):
         if not names:
             raise ValueError("a NodeHost needs at least one node name")
         self.join = join
@@ -71,6 +81,9 @@ class NodeHost:
         self.attrs = dict(attrs or {})
         self.config = config
         self.state_dir = Path(state_dir) if state_dir is not None else None
+        self.security = security  # bus.security.Security: CURVE on every socket; None: plain TCP
+        self.revoked = False  # set when the manager revoked this process's own key
+        self.on_revoked = None  # called (no arguments) after that
         self.rng = random.Random(seed)
         self.nodes: list[TreeNode] = []
         self.links: list[NodeLink] = []
@@ -78,10 +91,14 @@ class NodeHost:
         self.factory: SocketFactory | None = None
         self.loop: PlaneLoop | None = None
         self._ticker: asyncio.Task | None = None
+        self._recovering: set[asyncio.Task] = set()
 
     async def start(self) -> None:
         self.context = new_context()
-        self.factory = SocketFactory(self.context)
+        self.factory = SocketFactory(self.context, security=self.security)
+        if self.security is not None:
+            self.security.on_server_revoked = self._server_revoked
+            self.security.on_self_revoked = self._self_revoked
         self.loop = PlaneLoop()
         await self.loop.start()
         bind = f"tcp://{self.bind_host}:0"
@@ -91,10 +108,15 @@ class NodeHost:
             link.open()
             node = TreeNode(name, link, config=self.config, root_endpoint=self.join, attrs=self.attrs,
                             handlers=_HANDLERS, rng=random.Random(self.rng.random()))
+            node.security = self.security
             if self.state_dir is not None:
                 # Applications: packages pulled from the parent's data plane, processes supervised.
                 node.apps = AppHost(node, self.state_dir / name, self.factory, self.loop, link)
                 node.on_reparent = node.apps.set_upstream
+                # Take back what an earlier run of this node supervised now, not only once it joins.
+                task = asyncio.get_running_loop().create_task(node.apps.recover())
+                self._recovering.add(task)
+                task.add_done_callback(self._recovering.discard)
             link.on_data = self._data_handler(node, link)
             link.on_child = node.on_child
             link.on_parent = node.on_parent
@@ -106,6 +128,24 @@ class NodeHost:
             self.nodes.append(node)
             node.start()
         self._ticker = asyncio.get_running_loop().create_task(self._tick_forever())
+
+    def _server_revoked(self, sock, endpoint: str) -> None:
+        """A server this process connects to lost its key: leave a revoked parent (rejoin elsewhere);
+        any other connection to it (a package fetch, a cache write) is dropped."""
+        for link, node in zip(self.links, self.nodes):
+            if link.dealer is sock:
+                log.warning("%s: the parent at %s was revoked; rejoining", node.name, endpoint)
+                node.parent_lost()
+                return
+        try:
+            sock.disconnect(endpoint)
+        except zmq.ZMQError:
+            pass  # not connected (any more)
+
+    def _self_revoked(self) -> None:
+        self.revoked = True
+        if self.on_revoked is not None:
+            self.on_revoked()
 
     @staticmethod
     def _data_handler(node, link):

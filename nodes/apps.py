@@ -4,7 +4,8 @@ One :class:`AppHost` per logical node owns a directory (``<state>/<node>/``)::
 
     cache/              content-addressed packages (nodes.packages.PackageCache)
     apps/APP/           the application's files: packages extracted here, cwd of its processes
-    apps/APP/.snsbus/   app.json (process definitions, what was installed), logs/PROC.out|.err
+    apps/APP/.snsbus/   app.json (process definitions, what was installed), logs/PROC.out|.err,
+                        run/PROC.json (each running process: pid, start time...; nodes.supervisor)
 
 The manager drives it through tree operations (``app.*`` below, registered as
 handlers of the node).  Each is idempotent: a deploy sent twice, or resent
@@ -15,6 +16,13 @@ one sentence per node.
 
 Packages are pulled from the parent over the data plane (:mod:`bus.transfer`),
 which caches them, so each package crosses each tree link once.
+
+A bus-node that died (kill -9, OOM) leaves its processes running in their own
+sessions. When it is started again on the same directory, :meth:`AppHost.recover`
+takes them back from their records before any operation is served: each one
+still alive is supervised again (same pid), one that died meanwhile is handled
+by its restart policy, so ``app.run`` never starts a second copy, ``app.status``
+reports them and ``app.stop``/``app.cleanup`` (a fenced node) kill them.
 """
 
 from __future__ import annotations
@@ -61,6 +69,7 @@ class AppHost:
         self._upstream: str | None = None
         self._supervisors: dict = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        self._boot: asyncio.Task | None = None
         self.counters = {"installs": 0, "spawned": 0, "fetched_bytes": 0}
 
     # -- packages over the data plane -----------------------------------------------
@@ -81,12 +90,63 @@ class AppHost:
         self.chunks.handle(identity, msg)
 
     def set_upstream(self, data_endpoint: str | None) -> None:
-        """The parent changed (None: orphaned); an in-flight fetch follows it."""
+        """The parent changed (None: orphaned); an in-flight fetch follows it.
+
+        The first call (the node joined the tree) also starts the adoption of the
+        processes an earlier run of this node left (:meth:`recover`)."""
         self._upstream = data_endpoint
         if self._chunks is not None:
             self._chunks.set_upstream(data_endpoint)
+        if self._boot is None:
+            self._boot = asyncio.get_running_loop().create_task(self._adopt_all(), name=f"adopt-{self.node.name}")
+
+    async def recover(self) -> None:
+        """Take back the processes an earlier run of this node supervised (once; idempotent).
+
+        Every operation awaits it first, so none acts on an application before its
+        surviving processes are known."""
+        if self._boot is None:
+            self._boot = asyncio.get_running_loop().create_task(self._adopt_all(), name=f"adopt-{self.node.name}")
+        await asyncio.shield(self._boot)
+
+    async def _adopt_all(self) -> None:
+        for app in self.list_apps():
+            try:
+                async with self._lock(app):
+                    await self._adopt(app)
+            except Exception:  # one unreadable application must not keep the others unsupervised
+                log.exception("%s: cannot take back the processes of %r", self.node.name, app)
+
+    async def _adopt(self, app: str) -> None:
+        run_dir = self.app_dir(app) / ".snsbus" / "run"
+        if not any(run_dir.glob("*.json")):
+            return  # nothing was running here: no supervisor needed
+        meta = self._meta(app)
+        sup = await self._supervisor(app)
+        for name in sup.recorded():
+            pdef = meta["processes"].get(name)
+            stopped = bool(pdef is None or pdef.get("stopped"))
+            try:
+                argv, cwd, env, policy = self._spec(app, pdef) if pdef is not None else (None, None, None, None)
+            except (AppError, KeyError, TypeError, ValueError, OSError) as e:
+                log.warning("%s: %s/%s: %s; restarts use its recorded definition", self.node.name, app, name, e)
+                argv = cwd = env = policy = None
+            ps = await sup.adopt(name, argv, cwd=cwd, env=env, policy=policy, stopped_by_user=stopped,
+                                 tags={"block": pdef.get("block", "")} if pdef is not None else None)
+            if ps is None:
+                continue
+            log.info("%s: %s/%s taken back: %s%s", self.node.name, app, name, ps.state,
+                     f" (pid {ps.pid})" if ps.pid else f" ({ps.reason})")
+            if stopped and ps.state == "stopping":
+                # Stopped by the user (a stop cut short by the node's death), or no longer defined here.
+                log.warning("%s: %s/%s (pid %d) should not be running: stopping it", self.node.name, app, name,
+                            ps.pid)
+                await sup.stop(name, grace=2.0)
 
     async def close(self) -> None:
+        if self._boot is not None:
+            self._boot.cancel()
+            await asyncio.gather(self._boot, return_exceptions=True)
         await asyncio.gather(*(s.stop(grace=2.0) for s in self._supervisors.values()), return_exceptions=True)
         self._supervisors.clear()
         if self._chunks is not None:
@@ -121,7 +181,8 @@ class AppHost:
         if sup is None:
             from nodes.supervisor import Supervisor
 
-            sup = self._supervisors[app] = Supervisor(self.app_dir(app) / ".snsbus" / "logs")
+            meta_dir = self.app_dir(app) / ".snsbus"
+            sup = self._supervisors[app] = Supervisor(meta_dir / "logs", run_dir=meta_dir / "run")
             await sup.start()
         return sup
 
@@ -180,13 +241,14 @@ class AppHost:
         env.update(SNSBUS_APP=app, SNSBUS_NODE=self.node.name, SNSBUS_NODE_ID=str(self.node.node_id),
                    SNSBUS_APP_DIR=str(self.app_dir(app)), SNSBUS_PYTHON=sys.executable,
                    SNSBUS_MANAGER=str(getattr(self.node, "root_endpoint", "") or ""))
+        env.update(_key_env(getattr(self.node, "security", None)))
         env.update({k: expand(str(v), env) for k, v in extra.items()})
         return env
 
-    async def _spawn(self, app: str, pdef: dict):
+    def _spec(self, app: str, pdef: dict) -> tuple:
+        """``(argv, cwd, env, policy)`` of a process definition, as the supervisor runs it."""
         from nodes.supervisor import RestartPolicy
 
-        sup = await self._supervisor(app)
         appdir = self.app_dir(app)
         cwd = _inside(appdir, pdef.get("cwd") or ".", "process cwd")
         cwd.mkdir(parents=True, exist_ok=True)
@@ -204,8 +266,19 @@ class AppHost:
         if "/" in path and not os.path.isabs(path):
             path = str(cwd / path)
         argv = [path, *(expand(a, env) for a in pdef.get("args", []))]
+        return argv, cwd, env, policy
+
+    async def _spawn(self, app: str, pdef: dict):
+        from nodes.supervisor import SupervisorError
+
+        sup = await self._supervisor(app)
+        argv, cwd, env, policy = self._spec(app, pdef)
         self.counters["spawned"] += 1
-        return await sup.spawn(pdef["name"], argv, cwd=cwd, env=env, policy=policy)
+        try:
+            return await sup.spawn(pdef["name"], argv, cwd=cwd, env=env, policy=policy,
+                                   tags={"block": pdef.get("block", "")})
+        except SupervisorError as e:
+            raise AppError(f"process {pdef['name']!r}: {e}") from None
 
     async def run(self, args: dict, budget: float) -> str:
         """Start the processes of one block (never a second copy) and wait as each asks."""
@@ -262,6 +335,9 @@ class AppHost:
             raise AppError(f"process {name!r}: {ps.reason}")
         if ps.state == "failed":
             raise AppError(f"process {name!r}: {ps.reason}")
+        if ps.exit_code is None:
+            raise AppError(f"process {name!r} exited with an unknown code: an earlier run of this bus-node "
+                           f"started it, so it is not the node's child")
         if ps.exit_code not in (pdef.get("exit_codes") or [0]):
             raise AppError(f"process {name!r} exited with {ps.exit_code} "
                            f"(expected {' '.join(map(str, pdef.get('exit_codes') or [0]))})")
@@ -375,6 +451,21 @@ class AppHost:
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
+def _key_env(security) -> dict:
+    """What a process run by this node needs to reach the bus as the node does (a front end, say):
+    the node's key dir and the pinned manager key, or ``SNSBUS_INSECURE=1`` without CURVE."""
+    if security is None:
+        return {"SNSBUS_INSECURE": "1"}
+    from bus.security import encode_key
+
+    env = {"SNSBUS_INSECURE": "0"}
+    if security.manager_key:
+        env["SNSBUS_MANAGER_KEY"] = encode_key(security.manager_key)
+    if security.key_dir is not None:
+        env["SNSBUS_KEY_DIR"] = str(security.key_dir)
+    return env
+
+
 def expand(text: str, env: dict) -> str:
     """``${NAME}`` and ``${NAME:-default}`` from the process environment (nothing else is special)."""
     return _VAR.sub(lambda m: env.get(m.group(1)) or (m.group(2) if m.group(2) is not None else ""), text)
@@ -417,7 +508,9 @@ def _host(node) -> AppHost:
 def _guard(fn):
     async def op(node, args, budget):
         try:
-            return await fn(_host(node), args, budget)
+            host = _host(node)
+            await host.recover()  # the processes an earlier run left are known before anything is done
+            return await fn(host, args, budget)
         except AppError as e:
             return {"error": str(e)}
     op.__name__ = fn.__name__
@@ -425,9 +518,11 @@ def _guard(fn):
 
 
 def _guard_sync(fn):
-    def op(node, args, budget):
+    async def op(node, args, budget):
         try:
-            return fn(_host(node), args)
+            host = _host(node)
+            await host.recover()
+            return fn(host, args)
         except AppError as e:
             return {"error": str(e)}
     op.__name__ = fn.__name__

@@ -1,7 +1,12 @@
 """``bus-node``: the agent that runs on every machine and joins the tree.
 
 Exit codes: 0 stopped by SIGTERM/SIGINT; 1 could not start (e.g. bind failed);
-2 bad usage (or a bad configuration); 3 did not reach the tree within ``--join-timeout``.
+2 bad usage (or a bad configuration, or no manager key to pin); 3 did not reach
+the tree within ``--join-timeout``; 4 the manager revoked this node's key.
+
+CurveZMQ is on unless ``--insecure``: the node's key pair lives in ``--key-dir``
+(made on first start) and it pins the manager's key (``KEY_DIR/manager.pub`` or
+``--manager-key``); see docs/security.md.
 
 Every option's default comes from ``[node]`` of snsbus.toml and then from
 ``SNSBUS_NODE_<KEY>`` (see :mod:`bus.config`); ``--join`` may come from there too.
@@ -19,7 +24,7 @@ from bus.config import daemon_options
 
 __all__ = ["main"]
 
-EXIT_OK, EXIT_START, EXIT_USAGE, EXIT_JOIN = 0, 1, 2, 3
+EXIT_OK, EXIT_START, EXIT_USAGE, EXIT_JOIN, EXIT_REVOKED = 0, 1, 2, 3, 4
 
 
 def _attrs(pairs: tuple[str, ...], group: str | None) -> dict:
@@ -47,9 +52,15 @@ def _attrs(pairs: tuple[str, ...], group: str | None) -> dict:
 @click.option("--join-timeout", type=float, default=0.0, help="Give up (exit 3) if not joined after S seconds; 0 = never.")
 @click.option("--state-dir", default=None, metavar="DIR",
               help="Where applications live (packages, files, logs); default $SNSBUS_NODE_DIR or ~/.snsbus/node.")
+@click.option("--key-dir", default=None, metavar="DIR",
+              help="CurveZMQ keys: identity.key (made on first start), manager.pub, the keyring; default STATE_DIR/keys.")
+@click.option("--manager-key", default=None, metavar="Z85|FILE",
+              help="The manager's public key to pin [default: KEY_DIR/manager.pub].")
+@click.option("--insecure", is_flag=True, default=False, help="No CurveZMQ: plain TCP (the manager must agree).")
 @click.option("--log-level", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
-def main(join, name, virtual, group, attr, bind_host, advertise, join_timeout, state_dir, log_level, log_format):
+def main(join, name, virtual, group, attr, bind_host, advertise, join_timeout, state_dir, key_dir, manager_key,
+         insecure, log_level, log_format):
     """Join the snsbus tree at JOIN and serve until stopped."""
     # bus-node never speaks TLS (CURVE secures the bus), and asyncio imports
     # ssl only if it can: keeping OpenSSL out saves ~5 MB of RSS per process.
@@ -71,6 +82,16 @@ def main(join, name, virtual, group, attr, bind_host, advertise, join_timeout, s
     base = name or _socket.gethostname()
     names = [base] if virtual == 1 else [f"{base}-{i}" for i in range(virtual)]
     attrs = _attrs(attr, group)
+    sdir = state_dir or os.environ.get("SNSBUS_NODE_DIR") or os.path.expanduser("~/.snsbus/node")
+    security = None
+    if not insecure:
+        from bus.security import SecurityError, Security
+
+        try:
+            security = Security.from_key_dir(key_dir or os.path.join(sdir, "keys"), manager_key=manager_key,
+                                             name=base)
+        except SecurityError as e:
+            raise click.UsageError(f"{e} (or run with --insecure if the manager does)") from None
 
     from bus.planes import SocketSetupError
     from nodes.agent import NodeHost
@@ -80,8 +101,9 @@ def main(join, name, virtual, group, attr, bind_host, advertise, join_timeout, s
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        sdir = state_dir or os.environ.get("SNSBUS_NODE_DIR") or os.path.expanduser("~/.snsbus/node")
-        host_ = NodeHost(join, names, bind_host=bind_host, advertise_host=advertise, attrs=attrs, state_dir=sdir)
+        host_ = NodeHost(join, names, bind_host=bind_host, advertise_host=advertise, attrs=attrs, state_dir=sdir,
+                         security=security)
+        host_.on_revoked = stop.set
         try:
             await host_.start()
         except SocketSetupError as e:
@@ -103,6 +125,9 @@ def main(join, name, virtual, group, attr, bind_host, advertise, join_timeout, s
             await stop.wait()
         finally:
             await host_.stop()
+        if host_.revoked:
+            logging.getLogger("bus-node").error("the manager revoked this node's key; stopped")
+            return EXIT_REVOKED
         return code
 
     sys.exit(asyncio.run(run()))

@@ -115,6 +115,9 @@ class BootstrapResult:
     was already running from the current install with the same arguments:
     left alone) or ``restarted`` (one ran from an older install or with other
     arguments: stopped, started anew).  ``installed``: this call installed.
+    ``key``: the z85 public key of the node (``REMOTE_DIR/keys/identity.key``,
+    made by bus-node on its first start), for the caller to admit; None
+    without CURVE.
     """
 
     name: str
@@ -125,6 +128,7 @@ class BootstrapResult:
     log: str
     remote_dir: str
     elapsed: float
+    key: str | None = None
 
     @property
     def started(self) -> bool:
@@ -407,6 +411,18 @@ def current(d):
     ok = os.access(os.path.join(venv, "bin", "bus-node"), os.X_OK)
     return venv, (stamp if ok else "")
 
+def node_key(d):
+    """The public key bus-node made in d/keys (its --key-dir), once it exists."""
+    try:
+        with open(os.path.join(d, "keys", "identity.key")) as f:
+            for line in f:
+                k, sep, v = line.strip().partition("=")
+                if sep and k.strip() == "public-key":
+                    return v.strip().strip('"')
+    except OSError:
+        pass
+    return None
+
 def start(d, name, settle, args, **extra):
     for sub in ("logs", "run"):
         os.makedirs(os.path.join(d, sub), exist_ok=True)
@@ -420,7 +436,7 @@ def start(d, name, settle, args, **extra):
     if pid:
         want = [exe.encode()] + [a.encode() for a in args]
         if not argv or argv[-len(want):] == want:
-            say(ok=True, state="running", pid=pid, log=logpath, **extra)
+            say(ok=True, state="running", pid=pid, log=logpath, key=node_key(d), **extra)
             return
         terminate(pid, 5.0)  # it runs from an older install, or with other arguments
         state = "restarted"
@@ -439,14 +455,15 @@ def start(d, name, settle, args, **extra):
         f.write("%d\n" % p.pid)
     os.replace(tmp, pidfile)
     deadline = time.time() + settle
-    while time.time() < deadline:
+    secure = "--insecure" not in args
+    while time.time() < deadline or (secure and node_key(d) is None and time.time() < deadline + 10):
         if p.poll() is not None:
             os.unlink(pidfile)
             fail("start", "bus-node exited with code %d right after it started; see %s" % (
                 p.returncode, logpath), log_tail(logpath))
         time.sleep(0.05)
     lock.close()
-    say(ok=True, state=state, pid=p.pid, log=logpath, **extra)
+    say(ok=True, state=state, pid=p.pid, log=logpath, key=node_key(d) if secure else None, **extra)
 
 def run(argv):
     r = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -689,14 +706,34 @@ def _check_target(target: _Target, payload: _Payload, probe: dict) -> None:
             f"install that Python there or build the wheelhouse on a matching machine", "incompatible")
 
 
+def _key_args(manager_key: str | None) -> list[str]:
+    """bus-node's CURVE flags: its key made in ``REMOTE_DIR/keys`` (its cwd), pinned to the manager's key."""
+    return ["--insecure"] if manager_key is None else ["--key-dir", "keys", "--manager-key", manager_key]
+
+
+def admit(call, name: str, key: str) -> bool:
+    """Accept a bootstrapped node's ``key`` as ``name`` through the manager's control API
+    (``call(cmd, **args)``, e.g. ``CtlClient.call``); False when it was accepted already."""
+    known = call("keys", op="list").get("keys", [])
+    if any(k["key"] == key and k["state"] == "accepted" for k in known):
+        return False
+    if any(k["name"] == name and k["state"] == "accepted" for k in known):
+        raise BootstrapError(f"{name} is accepted with another key: the node made a new one (its key dir was "
+                             f"removed?); run `bus-ctl keys revoke {name}` and bootstrap it again", reason="usage")
+    call("keys", op="add", name=name, key=key)
+    return True
+
+
 def _bootstrap(resource, join: str, payload: _Payload, *, identity_file=None, known_hosts=None,
                remote_dir: str = DEFAULT_REMOTE_DIR, timeout: float = 120.0, connect_timeout: float = 10.0,
-               extra_args: Sequence[str] = (), start_check: float = 1.0) -> BootstrapResult:
+               extra_args: Sequence[str] = (), start_check: float = 1.0,
+               manager_key: str | None = None) -> BootstrapResult:
     t0 = time.monotonic()
     deadline = t0 + timeout
     target = _Target(resource, identity_file=identity_file, known_hosts=known_hosts,
                      connect_timeout=min(connect_timeout, timeout))
-    common = dict(digest=payload.digest, number=start_check, args=_node_args(resource, join, extra_args))
+    args = _node_args(resource, join, [*_key_args(manager_key), *extra_args])
+    common = dict(digest=payload.digest, number=start_check, args=args)
     reply = target.call("probe", remote_dir, **common, timeout=deadline - time.monotonic(),
                         doing="checking the install")
     installed = False
@@ -710,7 +747,7 @@ def _bootstrap(resource, join: str, payload: _Payload, *, identity_file=None, kn
     log.info("%s: bus-node %s, pid %s", target.label, reply["state"], reply["pid"])
     return BootstrapResult(name=resource.name, host=target.host, pid=int(reply["pid"]), state=reply["state"],
                            installed=installed, log=reply["log"], remote_dir=remote_dir,
-                           elapsed=round(time.monotonic() - t0, 3))
+                           elapsed=round(time.monotonic() - t0, 3), key=reply.get("key"))
 
 
 def bootstrap(
@@ -725,6 +762,7 @@ def bootstrap(
     connect_timeout: float = 10.0,
     extra_args: Sequence[str] = (),
     start_check: float = 1.0,
+    manager_key: str | None = None,
 ) -> BootstrapResult:
     """Make bus-node run on the ssh ``resource``, joined to ``join``; install it first if needed.
 
@@ -738,13 +776,16 @@ def bootstrap(
     side watches a new bus-node for an early exit.  ``timeout`` bounds the
     whole call.  Idempotent: a live bus-node of that name running from the
     current install with the same arguments is left alone (``state ==
-    "running"``).  Raises :class:`BootstrapError`.
+    "running"``).  ``manager_key`` (z85): the node runs with CurveZMQ, its key
+    in ``REMOTE_DIR/keys`` and pinned to that manager key; the result's
+    ``key`` is the node's, to :func:`admit`.  None: ``--insecure``.  Raises
+    :class:`BootstrapError`.
     """
     payload = _Payload(wheelhouse)
     try:
         return _bootstrap(resource, join, payload, identity_file=identity_file, known_hosts=known_hosts,
                           remote_dir=remote_dir, timeout=timeout, connect_timeout=connect_timeout,
-                          extra_args=extra_args, start_check=start_check)
+                          extra_args=extra_args, start_check=start_check, manager_key=manager_key)
     finally:
         payload.close()
 

@@ -245,6 +245,12 @@ class Cluster:
         self.node_procs: dict[str, subprocess.Popen] = {}
         self.named: list[tuple[str, subprocess.Popen]] = []  # every bus-node and the origin, in start order
         self.killed: set[int] = set()  # pids this run killed on purpose
+        # CURVE as `bus-ctl up` sets it up: every key made and admitted before the first process starts.
+        from bus.security import client_security
+        from manager.keys import local_cluster_keys
+
+        self.keys = local_cluster_keys(sdir)
+        _SECURITY[self.control] = client_security(sdir)
 
     @property
     def origin(self) -> str:
@@ -285,7 +291,7 @@ class Cluster:
     def start_node(self, name: str) -> subprocess.Popen:
         group, overflow = NODES[name]
         argv = [sys.executable, "-m", "nodes.cli", "--join", self.control, "--name", name, "--group", group,
-                "--state-dir", str(self.sdir / "nodes")]
+                "--state-dir", str(self.sdir / "nodes"), "--key-dir", self.keys["node_keys"]]
         if overflow:
             argv += ["--attr", "overflow=true"]
         extra = {"CHAOS_FE_PORT": str(self.fe_ports[name])} if name in self.fe_ports else {}
@@ -326,11 +332,14 @@ class Cluster:
         return left
 
 
+_SECURITY: dict = {}  # control endpoint -> the client CURVE settings of this run's cluster
+
+
 def _call(endpoint: str, cmd: str, wait: float = 5.0, **args):
     """One control-API call, waiting at most ``wait`` seconds (``args`` go to the manager)."""
     from tools.client import CtlClient
 
-    with CtlClient(endpoint, timeout=wait, connect_timeout=min(1.0, wait)) as client:
+    with CtlClient(endpoint, timeout=wait, connect_timeout=min(1.0, wait), security=_SECURITY.get(endpoint)) as client:
         return client.call(cmd, **args)
 
 

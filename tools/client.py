@@ -10,6 +10,11 @@ One request is one ``CTL_REQUEST`` on a fresh DEALER socket; the answer is the
 The socket is opened with ``ZMQ_IMMEDIATE`` so it only becomes writable once a
 TCP (or IPC) connection exists: a manager that is not running is reported after
 ``connect_timeout`` instead of after the full request timeout.
+
+With ``security`` (a :class:`bus.security.Security`, see
+:func:`bus.security.client_security`) the socket is a CURVE client pinned to
+the manager's key; a refused handshake is reported as such (code ``AUTH``,
+saying what to do), not as a manager that is not running.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ __all__ = [
     "TIMEOUT",
     "BAD_REPLY",
     "BAD_SELECTOR",
+    "AUTH",
     "CtlError",
     "ManagerNotRunning",
     "CtlTimeout",
@@ -37,6 +43,7 @@ NOT_RUNNING = "NOT_RUNNING"
 TIMEOUT = "TIMEOUT"
 BAD_REPLY = "BAD_REPLY"
 BAD_SELECTOR = "BAD_SELECTOR"  # the manager's code for a selector matching no node
+AUTH = "AUTH"  # the CURVE handshake failed: key not admitted, wrong manager key, or CURVE on one side only
 
 
 class CtlError(BusError):
@@ -87,8 +94,10 @@ class CtlClient:
         *,
         connect_timeout: float = 1.0,
         context: zmq.Context | None = None,
+        security=None,
     ):
         self.endpoint = endpoint
+        self.security = security
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self._context = context
@@ -124,18 +133,29 @@ class CtlClient:
         if self._context is None:
             self._context = zmq.Context()
         sock = self._context.socket(zmq.DEALER)
+        monitor = None
         try:
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.IMMEDIATE, 1)
+            # Handshake failures are watched so that "refused" is not reported as "not running".
+            from bus.security import HANDSHAKE_EVENTS, handshake_failure
+
+            monitor = sock.get_monitor_socket(HANDSHAKE_EVENTS)
             try:
-                sock.connect(self.endpoint)
-            except zmq.ZMQError as e:
+                endpoint = self.endpoint
+                if self.security is not None:
+                    endpoint = self.security.secure_client(sock, endpoint)
+                sock.connect(endpoint)
+            except (zmq.ZMQError, BusError) as e:
                 raise CtlError(
                     f"cannot use control endpoint {self.endpoint!r}: {e}", BAD_REPLY, self.endpoint
                 ) from e
-            # With IMMEDIATE the socket is writable only once a connection is up.
+            # With IMMEDIATE the socket is writable only once a connection (and its handshake) is up.
             wait_ms = int(1000 * min(self.connect_timeout, timeout))
             if not sock.poll(wait_ms, zmq.POLLOUT):
+                why = handshake_failure(monitor, self.security is not None)
+                if why is not None:
+                    raise CtlError(f"the manager at {self.endpoint} {why}", AUTH, self.endpoint)
                 raise ManagerNotRunning(self.endpoint)
             msg_id = protocol.next_msg_id()
             frames = protocol.encode(
@@ -147,6 +167,9 @@ class CtlClient:
                 raise ManagerNotRunning(self.endpoint) from e
             return self._await_reply(sock, cmd, msg_id, deadline, timeout)
         finally:
+            if monitor is not None:
+                sock.disable_monitor()
+                monitor.close(linger=0)
             sock.close(linger=0)
 
     def _await_reply(self, sock, cmd: str, msg_id: int, deadline: float, timeout: float):

@@ -16,6 +16,14 @@ process group, and removes the state files.  Both leave no orphans: a failed
 
 ``start`` is the process start time from ``/proc`` (guards against a reused
 pid); ``pgid`` is set only for processes this module made session leaders.
+
+CurveZMQ is on unless ``insecure=True`` (recorded as ``"insecure"`` in
+``cluster.json``, so nodes started later agree): :func:`start_manager` makes
+every key the local cluster needs first (:func:`manager.keys.local_cluster_keys`:
+the store in ``DIR/keys``, one key shared by the local bus-nodes in
+``DIR/nodes/keys``, bus-ctl's ``DIR/client.key``), all pre-authorized, so no join
+is refused while the tree forms.  :func:`client` gives a control client that
+uses them.
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ from pathlib import Path
 
 from bus.protocol import BusError
 from tools import state
-from tools.client import CtlClient, CtlError
+from tools.client import AUTH, CtlClient, CtlError
 
 __all__ = [
     "ClusterError",
@@ -46,6 +54,8 @@ __all__ = [
     "wait_members",
     "free_port",
     "cluster_info",
+    "client",
+    "client_security",
 ]
 
 log = logging.getLogger(__name__)
@@ -253,6 +263,35 @@ def _save(sdir: Path, info: dict) -> None:
     state.write_json(sdir / state.CLUSTER_FILE, info)
 
 
+def _insecure(sdir: Path) -> bool:
+    return bool((cluster_info(sdir) or {}).get("insecure"))
+
+
+def _key_args(sdir: Path, insecure: bool | None = None) -> list[str]:
+    """The security flags of a bus-node of the cluster in ``sdir`` (``insecure`` None: as its cluster.json says)."""
+    if insecure is None:
+        insecure = _insecure(sdir)
+    return ["--insecure"] if insecure else ["--key-dir", str(sdir / NODE_DIR / "keys")]
+
+
+def client_security(state_dir=None):
+    """CURVE settings for a control client of the cluster in ``state_dir`` (None: it runs insecure)."""
+    from bus.security import client_security as from_state
+
+    return from_state(state.resolve_state_dir(state_dir))
+
+
+def client(state_dir=None, endpoint: str | None = None, **kw) -> CtlClient:
+    """A :class:`CtlClient` of the manager recorded in ``state_dir`` (or at ``endpoint``), with the
+    cluster's client key when it runs with CURVE.  Keywords go to :class:`CtlClient`."""
+    sdir = state.resolve_state_dir(state_dir)
+    if endpoint is None:
+        endpoint = (state.manager_info(sdir) or (cluster_info(sdir) or {}).get("manager") or {}).get("control")
+        if not endpoint:
+            raise ClusterError(f"no manager recorded in {sdir}; start one with `bus-ctl up`")
+    return CtlClient(endpoint, security=client_security(sdir), **kw)
+
+
 def _log_tail(path, lines: int = 5) -> str:
     try:
         with open(path, "rb") as f:
@@ -286,12 +325,15 @@ def start_manager(
     misses: int | None = None,
     timeout: float = 15.0,
     manager_argv=None,
+    insecure: bool | None = None,
 ) -> dict:
     """Start a manager in the background and wait for its ``manager.json``.
 
     Records it in ``cluster.json`` (creating it) and returns its entry
-    ``{"pid", "control", "data", "log", ...}``.  On failure the manager is
-    stopped and a :class:`ClusterError` quotes its log.
+    ``{"pid", "control", "data", "log", "keys", ...}``.  On failure the manager is
+    stopped and a :class:`ClusterError` quotes its log.  ``insecure`` None keeps
+    what ``cluster.json`` says (CURVE on for a new cluster); with CURVE the
+    local keys are made first and ``keys`` describes them.
     """
     if policy not in POLICIES:
         raise ClusterError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
@@ -302,15 +344,28 @@ def start_manager(
     control, data = f"tcp://{host}:{control_port}", f"tcp://{host}:{data_port}"
     (sdir / state.MANAGER_FILE).unlink(missing_ok=True)
     log_path = logs / "manager.log"
+    if insecure is None:
+        insecure = _insecure(sdir)
+    keys = None
+    if not insecure:
+        from bus.security import SecurityError, fingerprint, load_public_key
+        from manager.keys import local_cluster_keys
+
+        try:
+            keys = local_cluster_keys(sdir)
+        except (SecurityError, OSError) as e:
+            raise ClusterError(f"cannot make the cluster's keys in {sdir}: {e}") from e
+        keys["fingerprint"] = fingerprint(load_public_key(keys["manager_key"]))
     argv = [*(manager_argv or MANAGER_ARGV), "--control", control, "--data", data, "--state-dir", str(sdir),
-            "--max-children", str(max_children), "--policy", policy]
+            "--max-children", str(max_children), "--policy", policy,
+            *(["--insecure"] if insecure else ["--keys", str(sdir / "keys")])]
     if heartbeat is not None:
         argv += ["--heartbeat", str(heartbeat)]
     if misses is not None:
         argv += ["--misses", str(misses)]
-    entry = dict(_spawn(argv, log_path), name="manager", control=control, data=data)
+    entry = dict(_spawn(argv, log_path), name="manager", control=control, data=data, keys=keys)
     info = cluster_info(sdir) or {}
-    info.update(manager=entry, max_children=max_children, policy=policy, created=time.time())
+    info.update(manager=entry, max_children=max_children, policy=policy, created=time.time(), insecure=insecure)
     info.setdefault("nodes", [])
     info.setdefault("next_index", 0)
     _save(sdir, info)
@@ -350,13 +405,16 @@ def start_nodes(
     group: str | None = None,
     node_argv=None,
     extra_args=(),
+    insecure: bool | None = None,
 ) -> list[dict]:
     """Start ``count`` logical bus-nodes, ``per_process`` per process; returns their entries.
 
     Process ``i`` is named ``{prefix}-{i}`` (indices continue from earlier calls);
     with ``per_process > 1`` it hosts ``{prefix}-{i}-0 ..`` via ``--virtual``.
-    ``join`` defaults to the manager recorded in ``state_dir``.  Does not wait
-    for the nodes to join: see :func:`wait_members`.
+    ``join`` defaults to the manager recorded in ``state_dir``.  ``insecure``:
+    plain TCP (default: as ``cluster.json`` says; a manager embedded in a test
+    without keys needs True).  Does not wait for the nodes to join: see
+    :func:`wait_members`.
     """
     if count < 1 or per_process < 1:
         raise ClusterError("the node count and --per-process must be at least 1")
@@ -374,7 +432,7 @@ def start_nodes(
         k = min(per_process, left)
         name = f"{prefix}-{index}"
         argv = [*(node_argv or NODE_ARGV), "--join", join, "--name", name,
-                "--state-dir", str(sdir / NODE_DIR)]
+                "--state-dir", str(sdir / NODE_DIR), *_key_args(sdir, insecure)]
         if per_process > 1:
             argv += ["--virtual", str(k)]
         if group:
@@ -403,7 +461,8 @@ def start_named_node(state_dir=None, name: str = "node", *, join: str | None = N
         join = (state.manager_info(sdir) or info.get("manager") or {}).get("control")
         if not join:
             raise ClusterError(f"no manager recorded in {sdir}; start one with `bus-ctl up`")
-    argv = [*(node_argv or NODE_ARGV), "--join", join, "--name", name, "--state-dir", str(sdir / NODE_DIR)]
+    argv = [*(node_argv or NODE_ARGV), "--join", join, "--name", name, "--state-dir", str(sdir / NODE_DIR),
+            *_key_args(sdir)]
     if group:
         argv += ["--group", group]
     for k, v in (attrs or {}).items():
@@ -414,19 +473,23 @@ def start_named_node(state_dir=None, name: str = "node", *, join: str | None = N
     return entry
 
 
-def wait_members(endpoint: str, expected: int, timeout: float = 30.0, *, watch=()) -> int:
+def wait_members(endpoint: str, expected: int, timeout: float = 30.0, *, watch=(), state_dir=None) -> int:
     """Ping the manager until it reports at least ``expected`` members; returns the count.
 
     ``watch`` lists process entries (from :func:`start_nodes`) whose early exit
-    fails the wait at once.  Raises :class:`ClusterError` naming what is missing.
+    fails the wait at once.  ``state_dir``: the cluster whose client key to use
+    (default: the default state directory).  Raises :class:`ClusterError`
+    naming what is missing.
     """
     deadline = time.monotonic() + timeout
     members = 0
-    with CtlClient(endpoint, timeout=1.0, connect_timeout=0.5) as client:
+    with CtlClient(endpoint, timeout=1.0, connect_timeout=0.5, security=client_security(state_dir)) as client:
         while True:
             try:
                 members = int(client.call("ping").get("members", 0))
             except CtlError as e:
+                if e.code == AUTH:  # retrying does not change keys
+                    raise ClusterError(f"{e} (is state_dir the cluster's state directory?)") from e
                 if time.monotonic() > deadline:
                     raise ClusterError(f"the manager at {endpoint} stopped answering: {e}") from e
             if members >= expected:
@@ -461,10 +524,12 @@ def up(
     timeout: float | None = None,
     manager_argv=None,
     node_argv=None,
+    insecure: bool = False,
 ) -> dict:
     """Start a manager and ``n_local_nodes`` bus-nodes; wait until all have joined.
 
-    Returns ``{"state_dir", "logs", "manager", "nodes", "members", "elapsed"}``.
+    Returns ``{"state_dir", "logs", "manager", "nodes", "members", "elapsed", "keys"}``
+    (``keys``: where the cluster's CurveZMQ keys are, None with ``insecure``).
     Refuses to start over a running cluster; on any failure (or Ctrl-C) stops
     what it started, keeps the logs and raises :class:`ClusterError`.
     ``port=0`` picks free ports; ``manager_argv``/``node_argv`` replace the
@@ -492,7 +557,7 @@ def up(
     try:
         manager = start_manager(sdir, host=host, port=port, max_children=max_children,
                                 policy=policy, heartbeat=heartbeat, misses=misses,
-                                timeout=min(timeout, 15.0), manager_argv=manager_argv)
+                                timeout=min(timeout, 15.0), manager_argv=manager_argv, insecure=insecure)
         nodes = []
         if n_local_nodes > 0:
             nodes = start_nodes(sdir, n_local_nodes, per_process=per_process,
@@ -500,7 +565,7 @@ def up(
         try:
             members = wait_members(manager["control"], n_local_nodes,
                                    max(1.0, timeout - (time.monotonic() - t0)),
-                                   watch=[manager, *nodes])
+                                   watch=[manager, *nodes], state_dir=sdir)
         except ClusterError as e:
             raise ClusterError(f"{e}\nlogs are in {logs}") from e
     except BaseException:
@@ -513,6 +578,7 @@ def up(
         "nodes": nodes,
         "members": members,
         "elapsed": round(time.monotonic() - t0, 3),
+        "keys": manager.get("keys"),
     }
 
 

@@ -9,7 +9,12 @@ Every command takes ``--json`` and then prints exactly the manager's result.
 
 Exit codes: 0 success; 1 ``exec``: some node exited non-zero or did not answer;
 2 usage error; 3 manager not running; 4 selector matches no node; 5 manager
-timed out; 6 other manager error; 7 local cluster could not be started/stopped.
+timed out; 6 other manager error (also: the manager refused this client's key);
+7 local cluster could not be started/stopped.
+
+bus-ctl speaks CurveZMQ when its state directory holds a client key
+(``client.key``, made by ``bus-ctl up`` or ``bus-ctl keys init``), pinned to the
+manager's key found there (see :func:`bus.security.client_security`).
 
 Imports are lazy: ``bus-ctl exec`` loads click, zmq, msgpack and this package's
 small modules only (no asyncio, Pillow, lxml or psutil), so it stays quick.
@@ -93,12 +98,25 @@ def _endpoint(endpoint: str | None, state_dir) -> str:
     return info["control"]
 
 
+def _security():
+    """This bus-ctl's CURVE settings from the command's state directory (``--state-dir``): its client key
+    pinned to the manager's key; None without a client key (plain TCP).  See docs/security.md."""
+    from bus.security import SecurityError, client_security
+
+    ctx = click.get_current_context(silent=True)
+    state_dir = ctx.params.get("state_dir") if ctx is not None else None
+    try:
+        return client_security(_state_dir(state_dir))
+    except SecurityError as e:
+        raise CtlCliError(str(e)) from e
+
+
 def _call(endpoint: str, cmd: str, args: dict | None = None, timeout: float = 5.0):
     """One control request, with client errors turned into CLI errors."""
     from tools.client import BAD_SELECTOR, CtlClient, CtlError, CtlTimeout, ManagerNotRunning
 
     try:
-        with CtlClient(endpoint, timeout=timeout) as client:
+        with CtlClient(endpoint, timeout=timeout, security=_security()) as client:
             return client.request(cmd, args or {})
     except ManagerNotRunning as e:
         raise NotRunningError(str(e)) from e
@@ -180,16 +198,19 @@ def main(verbose: int) -> None:
 @click.option("--misses", type=int, default=None, help="Missed heartbeats before a peer is dead.")
 @click.option("--wait", "wait_s", type=float, default=None,
               help="Seconds to wait for every node to join (default 30 + 0.05 per node).")
+@click.option("--insecure", is_flag=True, default=False,
+              help="No CurveZMQ (by default up makes and pre-authorizes every key the cluster needs).")
 @_json_option
 @_state_option
-def up(local_nodes, per_process, max_children, policy, port, host, heartbeat, misses, wait_s,
+def up(local_nodes, per_process, max_children, policy, port, host, heartbeat, misses, wait_s, insecure,
        as_json, state_dir):
     """Start a manager and local bus-nodes in the background; wait until all joined."""
     from tools import cluster
 
     try:
         res = cluster.up(local_nodes, per_process, max_children, policy, state_dir=state_dir,
-                         host=host, port=port, heartbeat=heartbeat, misses=misses, timeout=wait_s)
+                         host=host, port=port, heartbeat=heartbeat, misses=misses, timeout=wait_s,
+                         insecure=insecure)
     except cluster.ClusterError as e:
         raise ClusterCliError(str(e)) from e
     if as_json:
@@ -202,6 +223,11 @@ def up(local_nodes, per_process, max_children, policy, port, host, heartbeat, mi
         f"{res['members']} nodes in {procs} process{'es' if procs != 1 else ''} joined "
         f"in {res['elapsed']:.1f}s"
     )
+    if res.get("keys"):
+        click.echo(f"CurveZMQ on: manager key {res['keys']['fingerprint']}, keys in {res['keys']['keys']} "
+                   f"(see `bus-ctl keys list`)")
+    else:
+        click.echo("CurveZMQ off (--insecure): plain TCP")
     click.echo(f"state in {res['state_dir']}, logs in {res['logs']}; stop with `bus-ctl down`")
 
 
@@ -334,6 +360,7 @@ def exec_(selector, timeout, as_json, endpoint, state_dir, command):
 
 from tools import ctl_apps  # noqa: E402,F401  (registers deploy, apps, logs, stop, start, cleanup)
 from tools import ctl_config  # noqa: E402,F401  (registers config show/example, completion; [ctl] defaults)
+from tools import ctl_keys  # noqa: E402,F401  (registers keys init/list/add/accept/revoke)
 
 if __name__ == "__main__":
     # `python -m tools.ctl`: the commands are registered on the importable module's group.

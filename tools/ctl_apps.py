@@ -15,7 +15,7 @@ from pathlib import Path
 import click
 
 from tools.ctl import (EXIT_NODES_FAILED, ClusterCliError, CtlCliError, _call, _echo_json, _endpoint,
-                       _manager_options, main)
+                       _manager_options, _security, main)
 
 POLL = 0.2  # seconds between progress polls
 
@@ -137,10 +137,22 @@ def _bootstrap(ep: str, res_text: str, res_file: str, state_dir, quiet: bool, id
             wheelhouse = build_wheelhouse()
         except BootstrapError as e:
             raise ClusterCliError(str(e)) from e
-        results = bootstrap_all(remote, ep, wheelhouse=wheelhouse, identity_file=identity, known_hosts=known_hosts)
+        from bus.security import encode_key
+        from tools.bootstrap import admit
+
+        security = _security()  # with CURVE, each node pins the manager's key and waits, pending, until admitted
+        mkey = encode_key(security.manager_key) if security is not None else None
+        results = bootstrap_all(remote, ep, wheelhouse=wheelhouse, identity_file=identity, known_hosts=known_hosts,
+                                manager_key=mkey)
         errors = [res for res in results.values() if isinstance(res, BootstrapError)]
         if errors:
             raise ClusterCliError("; ".join(str(e).splitlines()[0] for e in errors))
+        try:
+            for res in results.values():
+                if res.key:
+                    admit(lambda cmd, **a: _call(ep, cmd, a), f"ssh-{res.name}", res.key)
+        except BootstrapError as e:
+            raise ClusterCliError(str(e)) from e
     if not quiet:
         click.echo(f"started bus-node for {', '.join(r.name for r in missing)}; waiting for them to join")
     names = {r.name for r in missing}

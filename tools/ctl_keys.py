@@ -26,7 +26,7 @@ def _keys_option(f):
 
 
 def _store(keys_dir, state_dir):
-    from bus.security import KeyStore
+    from manager.keys import KeyStore
 
     return KeyStore(Path(keys_dir) if keys_dir else _state_dir(state_dir) / "keys")
 
@@ -46,7 +46,8 @@ def _run(args: dict, keys_dir, state_dir, endpoint, timeout) -> tuple[dict, str 
             except NotRunningError:
                 if endpoint:
                     raise
-    from bus.security import KeyFormatError, KeyStoreError, apply_key_command
+    from bus.security import KeyFormatError, KeyStoreError
+    from manager.keys import apply_key_command
 
     store = _store(keys_dir, state_dir)
     if not store.initialized():
@@ -121,6 +122,8 @@ def init(keys_dir, force, client_only, client_name, as_json, state_dir):
         mk = store.manager_keypair()
         out["manager"] = {"store": str(store.path), "pub": str(store.path / MANAGER_PUB),
                           "fingerprint": mk.fingerprint, "key": encode_key(mk.public)}
+        if store.path != sdir / "keys":  # a store elsewhere: this bus-ctl pins its manager key from STATE
+            write_key_file(sdir / MANAGER_PUB, mk.public, name="manager")
     if as_json:
         _echo_json(out)
         return

@@ -17,7 +17,9 @@ Today's tour, "two planes":
 5. stop: both processes are asked to leave and are always reaped.
 
 The tour talks to the nodes with ``COMMAND``/``REPLY`` messages whose body is
-``{"cmd": name, ...}``; :data:`NODE_COMMANDS` lists them.
+``{"cmd": name, ...}``; :data:`NODE_COMMANDS` lists them.  Every socket speaks
+CurveZMQ, as everywhere in snsbus: the tour makes one key pair for itself and
+its nodes (``$SNSBUS_DEMO_KEY``), which each node's ZAP handler admits.
 """
 
 from __future__ import annotations
@@ -220,13 +222,26 @@ NODE_COMMANDS: dict[str, Callable[[_Node, dict], Awaitable[dict]]] = {
 }
 
 
+DEMO_KEY_VAR = "SNSBUS_DEMO_KEY"  # "PUBLIC:SECRET" in hex: the tour's key pair, shared with its nodes
+
+
+def _demo_security(pair=None):
+    """CURVE for the tour and its nodes: one key pair, pinned as the 'manager' key and admitted."""
+    from bus.security import KeyPair, Security, decode_key
+
+    if pair is None:
+        public, _, secret = os.environ[DEMO_KEY_VAR].partition(":")
+        pair = KeyPair(decode_key(public), decode_key(secret))
+    return Security(pair, manager_key=pair.public)
+
+
 async def serve_node(name: str, control_bind: str, data_bind: str) -> None:
     """Run one demo bus node until a ``stop`` command or SIGTERM/SIGINT.
 
     Prints one JSON line on stdout with its real endpoints once it is serving.
     """
     ctx = zmq.Context()
-    factory = SocketFactory(ctx, linger=0)
+    factory = SocketFactory(ctx, linger=0, security=_demo_security())
     pl = PlaneLoop()
     node = _Node(name, factory, pl)
     loop = asyncio.get_running_loop()
@@ -271,6 +286,8 @@ class Tour:
         """Start ``python -m tools.demo node`` and connect a control link to it."""
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+        pair = self.factory.security.keypair
+        env[DEMO_KEY_VAR] = f"{pair.public.hex()}:{pair.secret.hex()}"
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "tools.demo", "node", "--name", name,
             cwd=ROOT, env=env, stdout=asyncio.subprocess.PIPE,
@@ -403,11 +420,13 @@ async def run_tour(count: int = 100_000, out: Callable[[str], None] = print, ste
     """Run ``steps`` (default :data:`STEPS`), always stop the nodes; 0 on success."""
     steps = STEPS if steps is None else steps
     tour = Tour(count=count, out=out)
+    from bus.security import KeyPair
+
     tour.ctx = zmq.Context()
-    tour.factory = SocketFactory(tour.ctx, linger=0)
+    tour.factory = SocketFactory(tour.ctx, linger=0, security=_demo_security(KeyPair.generate()))
     tour.pl = PlaneLoop()
     status = 0
-    out("snsbus demo: two planes (control and data never share a socket)")
+    out("snsbus demo: two planes (control and data never share a socket), CurveZMQ on every socket")
     try:
         async with tour.pl:
             try:

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Callable
 
 from tools import cluster, render, treeviz
-from tools.client import CtlClient
 
 __all__ = ["run"]
 
@@ -47,7 +46,7 @@ def run(out: Callable[[str], None] = print, *, nodes: int = 20, per_process: int
         up = cluster.up(nodes, per_process=per_process, max_children=max_children, port=0, state_dir=sdir)
         out(f"      manager at {up['manager']['control']}; {up['members']} nodes joined in {up['elapsed']:.2f} s"
             f" ({len(up['nodes'])} processes)")
-        with CtlClient(up["manager"]["control"], timeout=15) as client:
+        with cluster.client(sdir, up["manager"]["control"], timeout=15) as client:
             st = client.call("tree")
             out("  [2/6] bus-ctl tree")
             out(_indent(treeviz.render_text(st)))

@@ -60,7 +60,7 @@ def test_live_dispatch_and_round_robin():
         assert len(dep.pids()["workers"]) == 2
 
         async def run():
-            async with perf_tacc.dispatcher(dep.control, dep.svc, round_robin=True) as (_, tasks, rr):
+            async with perf_tacc.dispatcher(dep.control, dep.svc, round_robin=True, security=dep.security) as (_, tasks, rr):
                 done, errors, _ = await perf_tacc._echo_calls(tasks, 4, 0.3)
                 picks = [(await rr.call([b"x"])).worker for _ in range(4)]
                 lat, lost = await perf_tacc._open_loop(rr, 100.0, 0.3, 1.0, seed=0)

@@ -21,11 +21,11 @@ from bus import protocol as p
 from bus.link import NodeLink
 from bus.planes import PlaneLoop, SocketFactory, SocketSetupError, endpoint_of
 from bus.policy import TreeConfig
-from bus.security import (ACCEPTED, CACHE_FILE, IDENTITY_FILE, MANAGER_PUB, PENDING, REVOKED,
-                          KeyFormatError, KeyPair, KeyService, KeyStore, KeyStoreError, Security, SecurityError,
-                          apply_key_command, decode_key, encode_key, fingerprint, load_public_key, op_keys_sync,
+from bus.security import (CACHE_FILE, IDENTITY_FILE, MANAGER_PUB, KeyFormatError, KeyPair, KeyStoreError, Security,
+                          SecurityError, decode_key, encode_key, fingerprint, load_public_key, op_keys_sync,
                           plain_endpoint, read_key_file, split_endpoint, tag_endpoint, write_key_file)
 from bus.tree import ATTACHED, TreeNode
+from manager.keys import ACCEPTED, PENDING, REVOKED, KeyService, KeyStore, apply_key_command
 from manager.root import RootNode
 from nodes.ops import HANDLERS
 
@@ -119,7 +119,7 @@ def test_store_accept_pending_revoke(tmp_path):
 
 
 def test_store_autoaccept_and_pending_bound(tmp_path, monkeypatch):
-    monkeypatch.setattr("bus.security.MAX_PENDING", 8)
+    monkeypatch.setattr("manager.keys.MAX_PENDING", 8)
     store = KeyStore(tmp_path)
     store.init()
     k1, k2 = KeyPair.generate().public, KeyPair.generate().public

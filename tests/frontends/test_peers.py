@@ -15,7 +15,6 @@ import pytest
 from frontends.peers import should_restart
 from tests.helpers import wait_for
 from tools import cluster, state
-from tools.client import CtlClient
 
 ROOT = Path(__file__).resolve().parents[2]
 INFO = {"argv": ["python", "-m", "manager"], "cwd": "/", "host": "here"}
@@ -44,7 +43,8 @@ def test_front_end_restarts_a_killed_manager(tmp_path):
     sdir = tmp_path / "state"
     mgr = cluster.start_manager(sdir, port=0, heartbeat=0.2, misses=3)
     port = cluster.free_port("127.0.0.1")
-    fe = subprocess.Popen([sys.executable, "-m", "frontends", "--manager", mgr["control"], "--port", str(port)],
+    fe = subprocess.Popen([sys.executable, "-m", "frontends", "--manager", mgr["control"], "--port", str(port),
+                           "--key-dir", mgr["keys"]["frontend_keys"]],
                           cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -53,7 +53,7 @@ def test_front_end_restarts_a_killed_manager(tmp_path):
         wait_for(lambda: not state.pid_alive(mgr["pid"]), timeout=5)
         # The front end notices the silence (5 s grace), finds the port dead and starts the manager again.
         new = wait_for(lambda: _new_manager(sdir, mgr["pid"]), timeout=25)
-        with CtlClient(mgr["control"], timeout=3) as client:
+        with cluster.client(sdir, mgr["control"], timeout=3) as client:
             assert client.call("ping")["pid"] == new
         assert _stats(url)["peers"]["manager_restarts"] == 1
         wait_for(lambda: _try(lambda: _stats(url)["beacons"]["stale"] is False), timeout=10)

@@ -266,8 +266,11 @@ def test_health_and_stats(images):
 
 def test_cli_serves_and_stops_on_sigterm(images, tmp_path):
     d, names = images
+    from bus.security import KeyPair, encode_key
+
     proc = subprocess.Popen([sys.executable, "-m", "frontends", "--manager", "tcp://127.0.0.1:9", "--port", "0",
-                             "--origin", "http://127.0.0.1:9", "--profiles", str(tmp_path / "p.db")],
+                             "--origin", "http://127.0.0.1:9", "--profiles", str(tmp_path / "p.db"),
+                             "--key-dir", str(tmp_path / "keys"), "--manager-key", encode_key(KeyPair.generate().public)],
                             stderr=subprocess.PIPE, text=True)  # fmt: skip
     try:
         line = ""

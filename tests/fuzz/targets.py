@@ -479,6 +479,7 @@ class _FakeManager:
     def __init__(self, net):
         self.root = net.root
         self.apps = None
+        self.keys = None  # runs without CURVE: `keys` is refused
         self.services = _FakeServices()
         self.stopped = False
 

@@ -15,7 +15,6 @@ import psutil
 import pytest
 
 from tools import cluster
-from tools.client import CtlClient
 
 NODES, PER_PROCESS, FANOUT = 200, 50, 8
 
@@ -35,11 +34,11 @@ def test_two_hundred_nodes_join_at_once(sdir):
     cpu0 = sum(proc.cpu_times()[:2])
     t0 = time.monotonic()
     nodes = cluster.start_nodes(sdir, NODES, per_process=PER_PROCESS, join=mgr["control"])
-    members = cluster.wait_members(mgr["control"], NODES, timeout=90, watch=[mgr, *nodes])
+    members = cluster.wait_members(mgr["control"], NODES, timeout=90, watch=[mgr, *nodes], state_dir=sdir)
     elapsed = time.monotonic() - t0
     cpu = sum(proc.cpu_times()[:2]) - cpu0
     assert members == NODES
-    with CtlClient(mgr["control"], timeout=30) as c:
+    with cluster.client(sdir, mgr["control"], timeout=30) as c:
         status = c.call("status")
         info = c.call("broadcast", op="info", timeout=20)
     alive = [m for m in status["members"] if m["state"] == "alive" and not m["name"].startswith("#")]

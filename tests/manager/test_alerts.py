@@ -328,7 +328,7 @@ def test_a_killed_node_process_runs_the_alert_command(tmp_path):
         mon = None
         try:
             entries = await asyncio.to_thread(cluster.start_nodes, sdir, 2, per_process=2,
-                                              join=mgr.link.control_endpoint)
+                                              join=mgr.link.control_endpoint, insecure=True)
             await _until(lambda: sum(1 for m in mgr.membership.alive() if m.name) == 2, 30)
             engine = AlertEngine(AlertConfig(lost_percent=50.0), AlertHooks(command=cmd, timeout=10))
             mon = await start_monitor(mgr, alerts=engine, interval=0.2, node_poll=1.0)

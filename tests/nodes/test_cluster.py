@@ -17,7 +17,7 @@ import pytest
 
 from tests.helpers import wait_for
 from tools import cluster
-from tools.client import CtlClient
+from manager.keys import local_cluster_keys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -44,7 +44,7 @@ def alive_members(client) -> dict:
 def test_fifty_nodes_form_one_tree_and_all_answer_exec(sdir):
     up = cluster.up(50, per_process=10, max_children=4, port=0, state_dir=sdir)
     assert up["members"] == 50
-    with CtlClient(up["manager"]["control"], timeout=15) as c:
+    with cluster.client(sdir, up["manager"]["control"], timeout=15) as c:
         members = alive_members(c)
         assert len(members) == 50
         ids = {m["id"] for m in members.values()}
@@ -64,7 +64,7 @@ def test_fifty_nodes_form_one_tree_and_all_answer_exec(sdir):
 def test_kill_interior_process_repairs_and_names_the_dead(sdir):
     up = cluster.up(50, per_process=10, max_children=3, port=0, state_dir=sdir)
     endpoint = up["manager"]["control"]
-    with CtlClient(endpoint, timeout=15) as c:
+    with cluster.client(sdir, endpoint, timeout=15) as c:
         members = alive_members(c)
         by_id = {m["id"]: m for m in members.values()}
         # The process whose nodes have the most descendants in other processes.
@@ -99,7 +99,7 @@ def test_kill_interior_process_repairs_and_names_the_dead(sdir):
 def test_manager_restart_gets_every_node_back_and_leaves_processes_alone(sdir):
     up = cluster.up(30, per_process=10, max_children=4, port=0, state_dir=sdir)
     endpoint = up["manager"]["control"]
-    with CtlClient(endpoint, timeout=15) as c:
+    with cluster.client(sdir, endpoint, timeout=15) as c:
         before = {n: m["id"] for n, m in alive_members(c).items()}
         # A long-running "application" process on every node.
         res = c.call("exec", cmd="nohup sleep 300 >/dev/null 2>&1 & echo $!", timeout=10)
@@ -114,7 +114,7 @@ def test_manager_restart_gets_every_node_back_and_leaves_processes_alone(sdir):
         wait_for(lambda: cluster._port_free("127.0.0.1", port) and cluster._port_free("127.0.0.1", port + 1), 5)
         restarted = cluster.start_manager(sdir, port=port, max_children=4)
         assert restarted["control"] == endpoint
-        with CtlClient(endpoint, timeout=15) as c:
+        with cluster.client(sdir, endpoint, timeout=15) as c:
             wait_for(lambda: len(alive_members(c)) == 30, timeout=20)
             after = {n: m["id"] for n, m in alive_members(c).items()}
             assert after == before, "every node re-registered, with its own id"
@@ -135,8 +135,10 @@ def test_node_without_manager_retries_with_backoff_and_joins_later(sdir, tmp_pat
     port = cluster.free_port()
     env = dict(os.environ, PYTHONPATH=ROOT)
     log = open(tmp_path / "node.log", "wb")
+    keys = local_cluster_keys(sdir)  # what the manager started below will use: the node pins its key
     proc = subprocess.Popen([sys.executable, "-m", "nodes.cli", "--join", f"tcp://127.0.0.1:{port}",
-                             "--name", "lonely", "--virtual", "5"], stdout=log, stderr=log, env=env, cwd=ROOT)
+                             "--name", "lonely", "--virtual", "5", "--key-dir", keys["node_keys"]],
+                            stdout=log, stderr=log, env=env, cwd=ROOT)
     try:
         ps = psutil.Process(proc.pid)
         time.sleep(1.0)  # let it start and begin retrying
@@ -147,7 +149,7 @@ def test_node_without_manager_retries_with_backoff_and_joins_later(sdir, tmp_pat
         assert cpu < 0.05, f"a node waiting for the manager used {cpu:.1%} CPU"
         assert proc.poll() is None
         mgr = cluster.start_manager(sdir, port=port)
-        with CtlClient(mgr["control"], timeout=10) as c:
+        with cluster.client(sdir, mgr["control"], timeout=10) as c:
             wait_for(lambda: c.call("ping")["members"] == 5, timeout=15)
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -165,6 +167,11 @@ def test_bus_node_exit_codes(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "nodes.cli", "--join", "nonsense"], env=env, cwd=ROOT,
                          capture_output=True, text=True, timeout=20)
     assert bad.returncode == 2 and "tcp://HOST:PORT" in bad.stderr
-    late = subprocess.run([sys.executable, "-m", "nodes.cli", "--join", f"tcp://127.0.0.1:{port}",
+    late = subprocess.run([sys.executable, "-m", "nodes.cli", "--join", f"tcp://127.0.0.1:{port}", "--insecure",
                            "--join-timeout", "1"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=20)
     assert late.returncode == 3 and "joined" in late.stderr
+    # CURVE is on by default, and a node that cannot pin the manager's key does not start.
+    nokey = subprocess.run([sys.executable, "-m", "nodes.cli", "--join", f"tcp://127.0.0.1:{port}", "--state-dir",
+                            str(tmp_path / "n")], env=env, cwd=ROOT, capture_output=True, text=True, timeout=20)
+    assert nokey.returncode == 2 and "no manager key" in nokey.stderr and "manager.pub" in nokey.stderr
+    assert (tmp_path / "n" / "keys" / "identity.key").stat().st_mode & 0o777 == 0o600  # its key, made on first start

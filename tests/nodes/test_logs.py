@@ -75,7 +75,7 @@ def test_bus_node_logs_json():
     port = cluster.free_port()
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     out = subprocess.run([sys.executable, "-m", "nodes.cli", "--join", f"tcp://127.0.0.1:{port}",
-                          "--join-timeout", "0.5", "--log-format", "json"],
+                          "--join-timeout", "0.5", "--log-format", "json", "--insecure"],
                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=30)
     assert out.returncode == 3, out.stderr
     records = _json_lines(out.stderr)  # every line parses
@@ -90,7 +90,8 @@ def test_frontend_logs_json():
         port = busy.getsockname()[1]
         env = dict(os.environ, PYTHONPATH=str(ROOT), SNSBUS_FRONTEND_LOG_FORMAT="json")  # from the environment
         out = subprocess.run([sys.executable, "-m", "frontends", "--manager", f"tcp://127.0.0.1:{cluster.free_port()}",
-                              "--port", str(port)], env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+                              "--port", str(port), "--insecure"], env=env, cwd=ROOT, capture_output=True, text=True,
+                             timeout=60)
     assert out.returncode == 1, out.stderr
     records = _json_lines(out.stderr)
     assert {r["role"] for r in records} == {"frontend"}

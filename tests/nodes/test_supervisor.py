@@ -274,3 +274,38 @@ async def test_missing_program_fails(tmp_path):
         ps = await sup.spawn("m", [str(tmp_path / "nope")], policy=RestartPolicy(mode=ALWAYS))
         assert ps.state == "failed" and "cannot start" in ps.reason
         await sup.wait("m")
+
+
+def test_unknown_exit_code_is_a_failure():
+    # An adopted process is not our child: its exit code is unknown (None).
+    act, _ = next_action(P, [Exit(0, None)], 0, False)
+    assert act == "restart"
+    act, reason = next_action(RestartPolicy(mode=NEVER), [Exit(0, None)], 0, False)
+    assert act == "stay_down" and "unknown" in reason
+
+
+@arun
+async def test_process_record_lives_as_long_as_the_process(tmp_path):
+    import json
+
+    run = tmp_path / "run"
+    async with Supervisor(tmp_path / "logs", run_dir=run) as sup:
+        pol = RestartPolicy(mode=ON_FAILURE, max_restarts=1, ok_codes=frozenset({0, 3}), **FAST)
+        ps = await sup.spawn("r", ["sleep", "30"], cwd=tmp_path, policy=pol, tags={"block": "b"})
+        rec = json.loads((run / "r.json").read_text())
+        assert rec["pid"] == ps.pid and rec["argv"] == ["sleep", "30"] and rec["cwd"] == str(tmp_path)
+        assert rec["tags"] == {"block": "b"} and isinstance(rec["start"], int) and rec["restarts"] == 0
+        assert rec["policy"]["ok_codes"] == [0, 3] and rec["policy"]["mode"] == ON_FAILURE
+        assert "env" not in rec  # never on disk: it may hold secrets
+        assert set(sup.recorded()) == {"r"}
+        await sup.stop("r", grace=2)
+        assert sup.recorded() == {} and not list(run.iterdir())
+        # A process that is down for good (here: stays down by policy) leaves no record either.
+        await sup.spawn("d", ["sh", "-c", "exit 3"], policy=pol)
+        await sup.wait("d")
+        assert sup.recorded() == {}
+    plain = Supervisor(tmp_path / "plain")
+    async with plain:
+        await plain.spawn("x", ["true"], policy=RestartPolicy(mode=NEVER))
+        await plain.wait("x")
+        assert plain.recorded() == {} and plain.run_dir is None

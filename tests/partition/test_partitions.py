@@ -29,6 +29,8 @@ from pathlib import Path
 
 import pytest
 
+from bus.security import client_security
+from manager.keys import local_cluster_keys
 from tests.helpers import wait_for
 from tools import netns
 from tools.client import CtlClient, CtlError
@@ -73,6 +75,7 @@ class Cluster:
         while dport == cport:
             dport = free_port(host)
         self.control = f"tcp://{host}:{cport}"
+        keys = local_cluster_keys(self.sdir)  # CURVE across the bridge, as on a real network
         logs = tmp / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         self.manager = net.popen(None, [sys.executable, "-m", "manager", "--control", self.control,
@@ -84,12 +87,13 @@ class Cluster:
         wait_for(lambda: (self.sdir / "manager.json").exists() or self.manager.poll() is not None, timeout=20)
         if self.manager.poll() is not None:
             pytest.fail((logs / "manager.log").read_text())
-        self.client = CtlClient(self.control, timeout=10)
+        self.client = CtlClient(self.control, timeout=10, security=client_security(self.sdir))
         self.names = [f"p{i}" for i in range(net.n)]
         for i, name in enumerate(self.names):
             # One at a time: the tree's shape (interior nodes under the root) does not depend on a race.
             net.popen(i, [sys.executable, "-m", "nodes.cli", "--join", self.control, "--name", name,
-                          "--bind-host", net.addr(i), "--state-dir", str(self.sdir / "nodes"), "--group", "part"],
+                          "--bind-host", net.addr(i), "--state-dir", str(self.sdir / "nodes"), "--group", "part",
+                          "--key-dir", keys["node_keys"]],
                       log_path=logs / f"{name}.log", cwd=ROOT)
             wait_for(lambda i=i: self.client.call("ping")["members"] == i + 1, timeout=20)
 

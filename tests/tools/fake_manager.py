@@ -262,6 +262,8 @@ def _main(argv=None) -> int:
     ap.add_argument("--heartbeat", type=float)
     ap.add_argument("--misses", type=int)
     ap.add_argument("--fail", action="store_true", help="exit 2 at once, as a broken manager would")
+    ap.add_argument("--keys")  # accepted like the real manager's; this fake speaks plain TCP only
+    ap.add_argument("--insecure", action="store_true")
     opts = ap.parse_args(argv)
     if opts.fail:
         print("fake manager: failing on purpose", file=sys.stderr)
@@ -271,7 +273,8 @@ def _main(argv=None) -> int:
     signal.signal(signal.SIGTERM, lambda *a: fake.stopping.set())
     state = Path(opts.state_dir)
     tmp = state / ".manager.json.tmp"
-    tmp.write_text(json.dumps({"pid": os.getpid(), "control": opts.control, "data": opts.data, "epoch": 1}))
+    tmp.write_text(json.dumps({"pid": os.getpid(), "control": opts.control, "data": opts.data, "epoch": 1,
+                              "key": None}))
     os.replace(tmp, state / "manager.json")
     print(f"fake manager ready at {opts.control}", file=sys.stderr)
     try:

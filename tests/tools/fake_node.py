@@ -23,6 +23,8 @@ def main(argv=None) -> int:
     ap.add_argument("--group")
     ap.add_argument("--state-dir")
     ap.add_argument("--ignore-term", action="store_true")
+    ap.add_argument("--key-dir")  # accepted like bus-node's; the fake manager speaks plain TCP only
+    ap.add_argument("--insecure", action="store_true")
     ap.add_argument("--exit-code", type=int)
     opts = ap.parse_args(argv)
     if opts.exit_code is not None:

@@ -27,12 +27,12 @@ from tools.bootstrap import (
     _classify_ssh_failure,
     _Payload,
     _Target,
+    admit,
     bootstrap,
     bootstrap_all,
     build_wheelhouse,
     stop_remote,
 )
-from tools.client import CtlClient
 from tools.sshd import SshdError, TestSshd
 
 pytestmark = [
@@ -75,7 +75,7 @@ def manager(tmp_path_factory):
     sdir = tmp_path_factory.mktemp("state")
     entry = cluster.start_manager(sdir, port=0, heartbeat=0.2, misses=3)
     try:
-        yield entry
+        yield dict(entry, sdir=sdir)
     finally:
         cluster.down(sdir, grace=2.0)
 
@@ -97,9 +97,9 @@ def started(sshd, ssh_opts):
             pass  # the sshd fixture's stop() ends whatever its sessions left running
 
 
-def _members(endpoint: str) -> dict[str, dict]:
+def _members(manager: dict) -> dict[str, dict]:
     """The manager's members by name; a restarted node's live entry wins over its departed one."""
-    with CtlClient(endpoint) as client:
+    with cluster.client(manager["sdir"]) as client:
         members = client.call("status")["members"]
     return {m["name"]: m for m in sorted(members, key=lambda m: m["state"] == "alive")}
 
@@ -131,12 +131,20 @@ def _bus_nodes(uid: int, name: str) -> list[int]:
     return pids
 
 
+def _boot(resource, manager, **kw):
+    """bootstrap() with CURVE: the node pins the manager's key, then its own key is admitted."""
+    res = bootstrap(resource, manager["control"], manager_key=manager["keys"]["manager_key"], **kw)
+    with cluster.client(manager["sdir"]) as client:
+        admit(client.call, f"ssh-{resource.name}", res.key)
+    return res
+
+
 def test_bootstrap_installs_starts_joins_and_is_idempotent(sshd, wheelhouse, manager, ssh_opts, started):
     resource = sshd.resource("ssh-node-1", group="web", attrs=(("rack", "r1"),))
     started.append(resource.name)
     uid = pwd.getpwnam(sshd.user).pw_uid
 
-    first = bootstrap(resource, manager["control"], wheelhouse=wheelhouse, **ssh_opts)
+    first = _boot(resource, manager, wheelhouse=wheelhouse, **ssh_opts)
     assert first.installed and first.state == "started"
     assert first.host == f"{sshd.user}@127.0.0.1:{sshd.port}" and sshd.port != 22
     install = sshd.home / ssh_opts["remote_dir"].removeprefix("~/")
@@ -145,8 +153,8 @@ def test_bootstrap_installs_starts_joins_and_is_idempotent(sshd, wheelhouse, man
     assert _bus_nodes(uid, "ssh-node-1") == [first.pid]
 
     # The node joins the real manager under the resource's name, with its group and attributes.
-    cluster.wait_members(manager["control"], 1, timeout=30)
-    member = wait_for(lambda: _members(manager["control"]).get("ssh-node-1"), timeout=10)
+    cluster.wait_members(manager["control"], 1, timeout=30, state_dir=manager["sdir"])
+    member = wait_for(lambda: _members(manager).get("ssh-node-1"), timeout=10)
     assert member["state"] == "alive" and member["pid"] == first.pid
     assert member["attrs"] == {"group": "web", "rack": "r1"}
 
@@ -159,7 +167,8 @@ def test_bootstrap_installs_starts_joins_and_is_idempotent(sshd, wheelhouse, man
     assert probe.stdout.strip() == "cython", probe.stderr
 
     # A second bootstrap neither reinstalls nor starts a second bus-node.
-    again = bootstrap(resource, manager["control"], wheelhouse=wheelhouse, **ssh_opts)
+    again = _boot(resource, manager, wheelhouse=wheelhouse, **ssh_opts)
+    assert again.key == first.key  # the node keeps its key (REMOTE_DIR/keys)
     assert (again.installed, again.state, again.pid, again.started) == (False, "running", first.pid, False)
     assert _bus_nodes(uid, "ssh-node-1") == [first.pid]
 
@@ -167,36 +176,47 @@ def test_bootstrap_installs_starts_joins_and_is_idempotent(sshd, wheelhouse, man
     stopped = stop_remote(resource, **ssh_opts)
     assert (stopped.how, stopped.pid) == ("terminated", first.pid)
     assert _bus_nodes(uid, "ssh-node-1") == []
-    wait_for(lambda: _members(manager["control"])["ssh-node-1"]["state"] != "alive", timeout=15)
+    wait_for(lambda: _members(manager)["ssh-node-1"]["state"] != "alive", timeout=15)
     assert stop_remote(resource, **ssh_opts).how == "not running"
 
 
 def test_bootstrap_all_in_parallel(sshd, wheelhouse, manager, ssh_opts, started):
     resources = [sshd.resource(f"ssh-par-{i}") for i in range(3)]
     started.extend(r.name for r in resources)
-    results = bootstrap_all(resources, manager["control"], wheelhouse=wheelhouse, **ssh_opts)
+    results = bootstrap_all(resources, manager["control"], wheelhouse=wheelhouse,
+                            manager_key=manager["keys"]["manager_key"], **ssh_opts)
     assert list(results) == [r.name for r in resources]
     assert all(not isinstance(r, BootstrapError) for r in results.values()), results
+    # One host, one install directory: the three bus-nodes share one key (like an ssh host key), even though
+    # they started at the same moment.  Admitted once (earlier tests may have admitted it already), it lets
+    # all three in.
+    keys = {res.key for res in results.values()}
+    assert len(keys) == 1 and None not in keys
+    key = keys.pop()
+    with cluster.client(manager["sdir"]) as client:
+        admitted = [admit(client.call, f"ssh-{r.name}", key) for r in resources]
+        assert admitted.count(True) <= 1 and admitted[1:] == [False, False]
+        assert [k["state"] for k in client.call("keys", op="list")["keys"] if k["key"] == key] == ["accepted"]
     uid = pwd.getpwnam(sshd.user).pw_uid
     for r in resources:
         assert _bus_nodes(uid, r.name) == [results[r.name].pid]
-    wait_for(lambda: all(_members(manager["control"]).get(r.name, {}).get("state") == "alive"
+    wait_for(lambda: all(_members(manager).get(r.name, {}).get("state") == "alive"
                          for r in resources), timeout=30)
 
 
 def test_stale_install_is_replaced_and_the_node_restarted(sshd, wheelhouse, manager, ssh_opts, started):
     resource = sshd.resource("ssh-upgrade")
     started.append(resource.name)
-    first = bootstrap(resource, manager["control"], wheelhouse=wheelhouse, **ssh_opts)
+    first = _boot(resource, manager, wheelhouse=wheelhouse, **ssh_opts)
     install = sshd.home / ssh_opts["remote_dir"].removeprefix("~/")
     old_venv = (install / "venv").resolve()
     (old_venv / ".snsbus-digest").write_text("an older version\n")  # as if another wheelhouse had been installed
 
-    second = bootstrap(resource, manager["control"], wheelhouse=wheelhouse, **ssh_opts)
+    second = _boot(resource, manager, wheelhouse=wheelhouse, **ssh_opts)
     assert second.installed and second.state == "restarted" and second.pid != first.pid
     assert not state.pid_alive(first.pid)
     assert (install / "venv").resolve() != old_venv
-    wait_for(lambda: _members(manager["control"]).get("ssh-upgrade", {}).get("pid") == second.pid, timeout=30)
+    wait_for(lambda: _members(manager).get("ssh-upgrade", {}).get("pid") == second.pid, timeout=30)
     # The old install is removed unless another running bus-node still uses it.
     in_use = any(str(old_venv) + "/" in " ".join(map(str, _cmdline(p))) for p in sshd.processes())
     assert in_use or not old_venv.exists()
@@ -290,7 +310,7 @@ def test_deploy_on_an_ssh_resource_end_to_end(sshd, wheelhouse, manager, tmp_pat
       <cmdline><arg>-c</arg><arg>echo "$SNSBUS_NODE as $(id -un)"</arg></cmdline></process></process_block>
   </component_block></experiment>
 </project>""")
-    common = ["--endpoint", manager["control"]]
+    common = ["--endpoint", manager["control"], "--state-dir", str(manager["sdir"])]
     try:
         res = CliRunner().invoke(main, ["deploy", str(spec), "-r", str(directory), "--identity", sshd.identity_file,
                                         "--known-hosts", sshd.known_hosts, "--json", *common])

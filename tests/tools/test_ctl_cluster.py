@@ -26,6 +26,7 @@ def _up(state_dir, n=5, **kw):
     kw.setdefault("node_argv", FAKE_NODE)
     kw.setdefault("port", 0)
     kw.setdefault("timeout", 30)
+    kw.setdefault("insecure", True)  # the fake manager speaks plain TCP
     return cluster.up(n, state_dir=state_dir, **kw)
 
 

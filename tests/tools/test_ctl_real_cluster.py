@@ -11,7 +11,6 @@ from click.testing import CliRunner
 
 from conftest import wait_for
 from tools import cluster, state
-from tools.client import CtlClient
 from tools.ctl import main
 from tools.render import expand_names
 
@@ -44,7 +43,7 @@ def test_up_exec_failure_down(state_dir):
 
     victim = up["nodes"][1]
     assert cluster.kill_node(victim["pid"], state_dir=state_dir)
-    with CtlClient(endpoint) as client:
+    with cluster.client(state_dir, endpoint) as client:
         wait_for(lambda: client.call("ping")["members"] == 3, timeout=20)
         # ...and the survivors' repair is done: a broadcast reaches all three of them again.
         wait_for(lambda: client.call("broadcast", op="ping", timeout=1.0)["answered"] == 3, timeout=20)

@@ -18,7 +18,6 @@ from click.testing import CliRunner
 
 from conftest import wait_for
 from tools import cluster, state
-from tools.client import CtlClient
 from tools.ctl import main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -186,7 +185,7 @@ def test_dead_node_mid_deploy_is_replaced_by_a_spare(state_dir, manager, tmp_pat
       </cmdline></process>""").replace("<num_hosts>1</num_hosts>", "<num_hosts>2</num_hosts>"))
     started = _json("deploy", spec, "-r", d, "--no-wait", "--state-dir", state_dir)
     assert started["assignment"] == {"c": ["s1", "s2"]}
-    with CtlClient(manager["control"]) as client:
+    with cluster.client(state_dir, manager["control"]) as client:
         wait_for(lambda: client.call("progress", app="spare")["phases"][0]["state"] == "running", timeout=10)
         time.sleep(0.3)  # the processes are running now
         assert cluster.kill_node(_node_pid(state_dir, "s2"), state_dir=state_dir)
@@ -252,7 +251,7 @@ def test_manager_restart_keeps_applications_and_processes(state_dir, manager, tm
     wait_for(lambda: not state.pid_alive(manager["pid"]), timeout=5)
     wait_for(lambda: cluster._port_free("127.0.0.1", port), timeout=10)
     cluster.start_manager(state_dir, port=port, heartbeat=0.2, misses=3)
-    with CtlClient(manager["control"]) as client:
+    with cluster.client(state_dir, manager["control"]) as client:
         wait_for(lambda: client.call("ping")["members"] == 1, timeout=15)
     apps = _json("apps", "--state-dir", state_dir)["apps"]
     assert [(a["name"], a["phase"]) for a in apps] == [("keep", "running")]
@@ -358,7 +357,7 @@ def test_running_app_heals_a_dead_node_on_a_spare(state_dir, manager, tmp_path):
     assert prog["phase"] == "running" and prog["assignment"] == {"c": ["h1"]}
     old = _procs(_json("status", "heal", "--state-dir", state_dir))[("h1", "daemon")]["pid"]
     assert cluster.kill_node(_node_pid(state_dir, "h1"), state_dir=state_dir)
-    with CtlClient(manager["control"]) as client:
+    with cluster.client(state_dir, manager["control"]) as client:
         prog = wait_for(lambda: (lambda p: p if p["assignment"] == {"c": ["h2"]} and any(
             "healed" in e[1] for e in p["events"]) else None)(client.call("progress", app="heal")), timeout=30)
     assert prog["replaced"] == {"h1": "h2"} and prog["phase"] == "running"

@@ -8,8 +8,8 @@ import stat
 from click.testing import CliRunner
 
 import tools.ctl_keys  # noqa: F401  (registers `keys` on the group, as tools/ctl.py does)
-from bus.security import (CLIENT_KEY, PENDING, KeyPair, KeyStore, apply_key_command, encode_key, fingerprint,
-                          read_key_file, write_key_file)
+from bus.security import CLIENT_KEY, KeyPair, encode_key, fingerprint, read_key_file, write_key_file
+from manager.keys import PENDING, KeyStore, apply_key_command
 from tools.ctl import main
 
 

@@ -176,8 +176,12 @@ def test_the_monitor_page_shows_every_node_and_a_kill_without_reload(tmp_path):
     sdir = tmp_path / "cluster"
 
     async def go():
+        from manager.keys import KeyService, KeyStore, local_cluster_keys
+
         cfg = TreeConfig(max_children=3, heartbeat=HEARTBEAT, misses=MISSES)
-        mgr = Manager(control="tcp://127.0.0.1:0", config=cfg, state_dir=tmp_path / "manager")
+        keys = local_cluster_keys(sdir)  # CURVE, as bus-ctl up runs it: the nodes below pin this manager
+        mgr = Manager(control="tcp://127.0.0.1:0", config=cfg, state_dir=tmp_path / "manager",
+                      keys=KeyService(KeyStore(keys["keys"])))
         await mgr.start()
         mon = browser = None
         try:

@@ -23,7 +23,6 @@ from PIL import Image
 
 from conftest import wait_for
 from tools import cluster, state
-from tools.client import CtlClient
 from tools.ctl import main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -84,7 +83,7 @@ def test_transend_deploy_distill_cache_profiles_spawn_and_cleanup(state_dir, tmp
     # The front end knows the workers from the manager's beacon (until then it answers approximately).
     wait_for(lambda: json.loads(_get(fe + "/stats")[2])["beacons"]["workers"] >= 3, timeout=10)
 
-    with CtlClient(mgr["control"], timeout=10) as client:
+    with cluster.client(state_dir, mgr["control"], timeout=10) as client:
         svc = _services(client)
         kinds = sorted((i["w"], i["cache"]) for i in svc["instances"])
         assert kinds.count(("cache", True)) == 2 and ("distill", False) in kinds and ("sheet", False) in kinds
@@ -186,7 +185,7 @@ def test_manager_killed_under_load_is_restarted_by_the_front_end_and_idle_worker
         fe, [m["name"] for m in manifest], origin_url, concurrency=8, duration=10.0, zipf=0.0,
         params={"w": 500}, vary={"q": range(20, 96)}, timeout=30)))
     load.start()
-    with CtlClient(mgr["control"], timeout=10) as client:  # the burst spawns a second distiller first
+    with cluster.client(state_dir, mgr["control"], timeout=10) as client:  # the burst spawns a second distiller first
         wait_for(lambda: len([i for i in _services(client)["instances"] if i["w"] == "distill"]) >= 2, timeout=8)
     os.kill(mgr["pid"], signal.SIGKILL)
     load.join(60)
@@ -196,7 +195,7 @@ def test_manager_killed_under_load_is_restarted_by_the_front_end_and_idle_worker
     new_pid = wait_for(lambda: (lambda i: i["pid"] if i and i.get("pid") != mgr["pid"]
                                 and state.pid_alive(i["pid"]) else None)(state.manager_info(state_dir)), timeout=20)
     assert json.loads(_get(fe + "/stats")[2])["peers"]["manager_restarts"] == 1
-    with CtlClient(mgr["control"], timeout=10) as client:
+    with cluster.client(state_dir, mgr["control"], timeout=10) as client:
         assert client.call("ping")["pid"] == new_pid
         # The load table is rebuilt from the stubs' reports (soft state), with no duplicate minimum spawns.
         rebuilt = wait_for(lambda: (lambda s: s if any(i["w"] == "distill" for i in s["instances"])
