@@ -63,6 +63,7 @@ class NodeLink:
         self.heard_parent: Callable[[], None] | None = None
         self.parent_lost: Callable[[], None] | None = None
         self.connect_refused: Callable[[], None] | None = None
+        self.connected: Callable[[], None] | None = None  # the parent connection's handshake completed
         self._last_beat = b""
         self._monitor = None
         self._monitor_fd = -1
@@ -100,6 +101,11 @@ class NodeLink:
             pass  # not registered (any more)
 
     # -- Transport ------------------------------------------------------------
+    @property
+    def reports_handshake(self) -> bool:
+        """Whether ``connected`` is called when a new parent connection finishes its handshake."""
+        return self.connected is not None and self.parent_lost is not None
+
     def connect_parent(self, endpoint: str) -> None:
         self.disconnect_parent()
         self.dealer = self.factory.control_dealer(endpoint, _identity())
@@ -126,7 +132,7 @@ class NodeLink:
         if self.parent_lost is None:
             return
         loop = self._mon_loop = asyncio.get_running_loop()
-        events = zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
+        events = zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_HANDSHAKE_SUCCEEDED
         if self.factory.security is not None:
             events |= _HANDSHAKE_FAILED
         self._monitor = dealer.get_monitor_socket(events)
@@ -146,7 +152,7 @@ class NodeLink:
 
     def _on_monitor(self) -> None:
         mon = self._monitor
-        lost = refused = False
+        lost = refused = joined = False
         while mon is not None and not mon.closed and mon.getsockopt(zmq.EVENTS) & zmq.POLLIN:
             try:
                 event = mon.recv_multipart(zmq.NOBLOCK)
@@ -155,9 +161,12 @@ class NodeLink:
             kind = int.from_bytes(event[0][:2], "little")
             lost = lost or kind == zmq.EVENT_DISCONNECTED
             refused = refused or kind == zmq.EVENT_CONNECT_RETRIED
+            joined = joined or kind == zmq.EVENT_HANDSHAKE_SUCCEEDED
             if kind & _HANDSHAKE_FAILED:  # the server refused our key (or we pinned the wrong one)
                 refused = True
                 self._handshake_failed(kind, event)
+        if joined and self.connected is not None:
+            self.connected()
         if lost:
             self.counters["parent_disconnects"] += 1
             self.parent_lost()

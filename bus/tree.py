@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 ROOT_ID = 1  # the manager is always node 1
 MAX_LEVELS = 64  # no real tree is deeper: a route change that climbed further is circling a loop
+HANDSHAKE_ALLOWANCE = 4  # join timeouts a JOIN may wait for its connection's handshake (see connected())
 
 DETACHED, JOINING, ATTACHED, STOPPED = "detached", "joining", "attached", "stopped"
 
@@ -226,7 +227,13 @@ class TreeNode(Convergecast):
             "pid": os.getpid(),
         }
         self.transport.send_parent(p.encode(p.MsgType.JOIN, body, src=self.node_id))
-        self._join_deadline = now + self.config.join_timeout
+        wait = self.config.join_timeout
+        if getattr(self.transport, "reports_handshake", False):
+            # The JOIN leaves once the connection's handshake is done, and connected() then
+            # gives the answer join_timeout.  A CURVE handshake in a join storm can queue
+            # behind a thousand others: timing it out would only add one more to the queue.
+            wait *= HANDSHAKE_ALLOWANCE
+        self._join_deadline = now + wait
         self._join_at = None
 
     def routes_ids(self) -> list:
@@ -407,6 +414,12 @@ class TreeNode(Convergecast):
         """
         if self.state == ATTACHED and not self.is_root:
             self._orphan(self.clock(), "closed the connection")
+
+    def connected(self) -> None:
+        """The candidate parent's connection finished its handshake: the JOIN is on its way,
+        and its answer is due within ``join_timeout`` from now."""
+        if self.state == JOINING and self._join_deadline is not None:
+            self._join_deadline = self.clock() + self.config.join_timeout
 
     def connect_refused(self) -> None:
         """The candidate parent's endpoint refused the connection: try the next one now."""

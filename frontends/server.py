@@ -23,13 +23,15 @@ What one ``/distill`` does, in order:
    parameters (bad values: 400).
 3. **Cache**: the result key is ``sha256(url + effective parameters)``; a hit
    is answered at once (``X-Cache: hit``).
-4. **Original**: from the cache, else fetched from the origin (no redirects
+4. **Original**: from this process's own LRU of originals (``local_originals``
+   bytes), else from the cache, else fetched from the origin (no redirects
    followed, ``fetch_timeout``, at most ``max_original`` bytes) and cached.
    Identical concurrent fetches and dispatches are coalesced into one.
 5. **Dispatch** to a worker (:class:`frontends.dispatch.TaskClient`: choice
    by beaconed queue + own in-flight, re-dispatch on timeout and worker
    death) within ``timeout`` seconds; the result is cached, with an alias from
-   the URL to it, and returned (``X-Cache: miss``, ``X-SNS-Worker``).
+   the URL to it (renewed at most every ``ALIAS_REFRESH`` seconds per URL),
+   and returned (``X-Cache: miss``, ``X-SNS-Worker``).
 6. **BASE**: when no worker is known, all are over ``max_queue``, or none
    answered in time, the answer is approximate instead of an error: the last
    distilled version of that URL cached for any parameters
@@ -70,6 +72,7 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from bus.planes import PlaneLoop, SocketFactory, new_context
 from bus.protocol import MAX_EXTRA, MAX_FRAME
 from examples.transend.distill import MAX_ITEMS, DistillError, DistillParams, SheetParams
+from nodes.cachestore import CacheError, CacheStore
 from frontends.cacheclient import CacheClient
 from frontends.dispatch import (AGGREGATION, TRANSFORMATION, BeaconClient, DataPlane, DispatchError, TaskClient,
                                 TaskFailed)  # fmt: skip
@@ -181,6 +184,12 @@ def _original_key(url: str) -> str:
     return "o:" + _digest(url)
 
 
+#: Seconds between two writes of a URL's alias by one front end: BASE wants *a* version made with other
+#: parameters, and a popular URL would otherwise cost one more cache put per request.
+ALIAS_REFRESH = 5.0
+_ALIAS_MEMORY = 4096  # URLs whose last alias write this front end remembers
+
+
 _WORKER_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 
@@ -208,6 +217,7 @@ class FrontEndConfig:
     max_url: int = 4096
     max_sheet: int = 16
     cache_timeout: float = 0.05
+    local_originals: int = 64 << 20  # bytes of originals kept in this process too (LRU); 0: none
     renew: float = 2.0
     stale_after: float = 3.0
     distill_worker: str | None = None  # a worker name; None: any transformation worker
@@ -235,6 +245,8 @@ class FrontEndConfig:
             raise ValueError(f"max_sheet must be 1..{min(MAX_ITEMS, MAX_EXTRA)}, got {self.max_sheet}")
         if self.attempts < 1 or self.max_url < 64 or (self.max_queue is not None and self.max_queue < 1):
             raise ValueError("attempts and max_queue must be >= 1 and max_url >= 64")
+        if self.local_originals < 0:
+            raise ValueError(f"local_originals must be >= 0 bytes, got {self.local_originals}")
 
     @property
     def per_attempt(self) -> float:
@@ -286,11 +298,15 @@ class FrontEnd:
         self._resolver: _PublicResolver | None = None
         self._background: set[asyncio.Task] = set()
         self._flights: dict[tuple, asyncio.Task] = {}
+        # Originals this process fetched or read from the cache: a request for a popular image skips the
+        # cache partition's round trip (and the image's copy through it).
+        self._originals = CacheStore(config.local_originals) if config.local_originals else None
+        self._aliased: dict[str, float] = {}  # alias key -> when this front end last wrote it
         self._started = 0.0
         self._c = dict.fromkeys((
             "requests", "distill", "sheet", "hits", "misses", "approximate_cached", "approximate_original",
             "unavailable", "forbidden", "bad_requests", "failed", "origin_fetches", "origin_bytes", "origin_errors",
-            "original_hits", "profile_lookups", "profile_errors", "coalesced", "status_2xx", "status_3xx",
+            "original_hits", "original_local_hits", "alias_writes", "profile_lookups", "profile_errors", "coalesced", "status_2xx", "status_3xx",
             "status_4xx", "status_5xx"), 0)  # fmt: skip
 
     # -- lifecycle -------------------------------------------------------------
@@ -485,12 +501,26 @@ class FrontEnd:
             raise _http_error(400, f"{e}\n") from None
 
     async def _original(self, url: str) -> _Original:
-        """The original bytes of ``url``: cache first, else one shared fetch; raises _OriginError."""
-        hit = await self.cache.get(_original_key(url))
+        """The original bytes of ``url``: local LRU, cache, else one shared fetch; raises _OriginError."""
+        key = _original_key(url)
+        local = self._originals.get(key) if self._originals is not None else None
+        if local is not None:
+            self._c["original_hits"] += 1
+            self._c["original_local_hits"] += 1
+            return _Original(local.data, local.content_type or "application/octet-stream")
+        hit = await self.cache.get(key)
         if hit is not None:
             self._c["original_hits"] += 1
+            self._keep_original(key, hit.data, hit.content_type)
             return _Original(hit.data, hit.content_type)
         return await self._shared(("o", url), lambda: self._fetch(url))
+
+    def _keep_original(self, key: str, data: bytes, ctype: str) -> None:
+        if self._originals is not None:
+            try:
+                self._originals.put(key, data, {"content_type": ctype})
+            except CacheError:
+                pass  # larger than the whole local store: the cache partition keeps it
 
     async def _fetch(self, url: str) -> _Original:
         limit = self.config.max_original
@@ -529,6 +559,7 @@ class FrontEnd:
         data = bytes(buf)
         self._c["origin_bytes"] += len(data)
         self._spawn(self.cache.put(_original_key(url), data, {"ct": ctype}))
+        self._keep_original(_original_key(url), data, ctype)
         return _Original(data, ctype)
 
     def _answer(self, data: bytes, ctype: str, *, cache: str, approx: str | None = None,
@@ -545,8 +576,21 @@ class FrontEnd:
         return web.Response(body=data, headers=headers)
 
     async def _store(self, key: str, alias: str, data: bytes, ctype: str) -> None:
-        if await self.cache.put(key, data, {"ct": ctype}):
+        if await self.cache.put(key, data, {"ct": ctype}) and self._alias_due(alias):
+            self._c["alias_writes"] += 1
             await self.cache.put(alias, key.encode(), {})
+
+    def _alias_due(self, alias: str) -> bool:
+        """Whether to (re)write ``alias`` now: not written by this front end in the last ALIAS_REFRESH s."""
+        now = self._clock()
+        last = self._aliased.pop(alias, None)
+        if last is not None and now - last < ALIAS_REFRESH:
+            self._aliased[alias] = last  # most recently used last
+            return False
+        self._aliased[alias] = now
+        if len(self._aliased) > _ALIAS_MEMORY:
+            del self._aliased[next(iter(self._aliased))]
+        return True
 
     async def _approximate(self, alias: str, original: _Original | None, err: DispatchError) -> web.Response:
         """BASE: a cached version made with other parameters, else the original, else 503."""

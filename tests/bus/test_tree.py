@@ -382,3 +382,26 @@ def test_unicast_by_id_or_name_goes_down_the_routing_tables_only():
             await net.root.request("nobody", "who", {}, timeout=1.0)
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("reports", [False, True])
+def test_a_join_waits_for_its_handshake_then_join_timeout(reports):
+    """With a transport that reports handshakes, a JOIN in a queue of CURVE handshakes is not timed out (and
+    retried on yet another connection); once connected, its answer is due within join_timeout as before."""
+    from bus.tree import HANDSHAKE_ALLOWANCE
+
+    net = FakeNet(TreeConfig(join_timeout=1.0))
+    net.kill("root")  # nothing answers
+    node = net.add("n")
+    node.transport.reports_handshake = reports
+    net.tick(0.01)
+    assert node.state == JOINING and node.transport.joins == 1
+    waits = HANDSHAKE_ALLOWANCE if reports else 1
+    net.tick(waits * 1.0 - 0.1, step=0.05)
+    assert node.transport.joins == 1  # still waiting on the first JOIN
+    if reports:
+        node.connected()  # the handshake completes late: one join_timeout from now
+        net.tick(0.9, step=0.05)
+        assert node.transport.joins == 1
+    net.tick(0.3, step=0.05)
+    assert node.counters["join_timeouts"] == 1

@@ -44,3 +44,14 @@ def test_bus_node_does_not_import_curve_key_management_unless_used():
 
     check = "import sys, nodes.cli, nodes.agent, bus.planes; print('bus.security' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", check], capture_output=True, text=True).stdout.strip() == "False"
+
+
+def test_curve_keeps_openssl_out_of_the_bus_node():
+    """RSS budget: with CURVE on (the default) a bus-node imports bus.security, which must not map OpenSSL's
+    libcrypto (hashlib does: 3.5 MB); fingerprints use CPython's own sha256."""
+    import subprocess
+    import sys
+
+    check = ("import sys; sys.modules['ssl'] = None; import nodes.cli, bus.security, manager.keys; "
+             "print(sorted(m for m in ('_hashlib', '_ssl', 'ssl') if sys.modules.get(m)))")
+    assert subprocess.run([sys.executable, "-c", check], capture_output=True, text=True).stdout.strip() == "[]"
