@@ -46,6 +46,8 @@ def run(out: Callable[[str], None] = print, *, nodes: int = 20, per_process: int
         up = cluster.up(nodes, per_process=per_process, max_children=max_children, port=0, state_dir=sdir)
         out(f"      manager at {up['manager']['control']}; {up['members']} nodes joined in {up['elapsed']:.2f} s"
             f" ({len(up['nodes'])} processes)")
+        out(f"      CurveZMQ on every socket: manager key {up['keys']['fingerprint']}; the nodes, bus-ctl and the "
+            f"front ends have keys of their own, made and admitted by `up`")
         with cluster.client(sdir, up["manager"]["control"], timeout=15) as client:
             st = client.call("tree")
             out("  [2/6] bus-ctl tree")
