@@ -124,6 +124,11 @@ class AppController:
                     self._fence(rec, alive)
                     if rec["phase"] != RUNNING or rec["name"] in self._tasks:
                         continue
+                    back = next(((n, c) for n, c in rec.get("dropped", {}).items() if n in alive), None)
+                    if back is not None:  # dropped for want of a spare, and alive again: take it back
+                        self._tasks[rec["name"]] = asyncio.get_running_loop().create_task(
+                            self._heal(rec, back[1], None, back=back[0]))
+                        continue
                     for comp, names in rec["assignment"].items():
                         for node in list(names):
                             if node in alive:
@@ -153,26 +158,39 @@ class AppController:
                 self._fencing.add(task)
                 task.add_done_callback(self._fencing.discard)
 
-    async def _heal(self, rec: dict, comp: str, node: str) -> None:
-        """Put ``comp``'s part of a running app back on a spare node: install, then its process blocks."""
+    async def _heal(self, rec: dict, comp: str, node: str | None, *, back: str | None = None) -> None:
+        """Put ``comp``'s part of a running app back on a spare node: install, then its process blocks.
+
+        With ``back``: a node dropped earlier for want of a spare is alive again; it gets its part
+        back the same way (it may still run its processes, or have taken them back after a restart:
+        ``app.run`` starts nothing that runs)."""
         try:
             app = parse(rec["spec"], rec["spec_file"])
             resources = parse_directory(rec["resources"], rec["resources_file"])
             packages = {tuple(k.split("\0", 1)): v for k, v in rec["packages"].items()}
             ctx = _Context(self, rec, app, resources, packages)
-            live = [m.name for m in self.mgr.membership.alive() if m.name]
-            used = plan.used_nodes(rec["assignment"]) | set(rec["replaced"])
-            spare = plan.spare_for(app.component_named(comp), resources, live, used)
+            if back is not None:
+                spare = back
+                del rec["dropped"][back]
+                rec["assignment"][comp].append(back)
+                self._event(rec, f"node {back} ({comp}) is back: it runs its part again")
+                self._save(rec)
+            else:
+                live = [m.name for m in self.mgr.membership.alive() if m.name]
+                used = plan.used_nodes(rec["assignment"]) | set(rec["replaced"])
+                spare = plan.spare_for(app.component_named(comp), resources, live, used)
             if spare is None:
                 self._event(rec, f"node {node} of {comp!r} is gone and no spare node matches: running without it")
                 rec["assignment"][comp] = [n for n in rec["assignment"][comp] if n != node]
+                rec.setdefault("dropped", {})[node] = comp  # taken back if it returns (see _watch_forever)
                 self._save(rec)
                 return
-            names = rec["assignment"][comp]
-            names[names.index(node)] = spare
-            rec["replaced"][node] = spare
-            self._event(rec, f"node {node} ({comp}) is gone: healing on spare {spare}")
-            self._save(rec)
+            if back is None:
+                names = rec["assignment"][comp]
+                names[names.index(node)] = spare
+                rec["replaced"][node] = spare
+                self._event(rec, f"node {node} ({comp}) is gone: healing on spare {spare}")
+                self._save(rec)
             steps = []
             if app.component_named(comp).software:
                 steps.append(("app.prepare", {"app": app.name, "software": plan.software_of(app, comp, packages)},
@@ -194,7 +212,7 @@ class AppController:
                     rec["error"] = f"healing {comp!r} on {spare} failed: {why}"
                     self._save(rec)
                     return
-            self._event(rec, f"healed: {comp!r} runs on {spare} in place of {node}")
+            self._event(rec, f"healed: {comp!r} runs on {spare}" + (f" in place of {node}" if node else " again"))
             self._save(rec)
         finally:
             if self._tasks.get(rec["name"]) is asyncio.current_task():

@@ -344,3 +344,46 @@ def test_restarted_node_takes_back_its_app(sdir, tmp_path, strays):
     assert daemon()["state"] == "stopped" and not _alive(pid)
     assert marks.read_text().splitlines() == [f"started {pid}"], "never started twice"
     ctl("cleanup", "adopt")
+
+
+def test_a_node_dropped_without_a_spare_is_taken_back_when_it_returns(sdir, tmp_path, strays):
+    """No spare matches, so the manager runs the app without the dead node; when the node comes back (and
+    takes back its process) the manager puts it back in the app: status sees it and stop reaches it."""
+    from click.testing import CliRunner
+
+    from tools import cluster
+    from tools.ctl import main
+
+    def ctl(*args):
+        res = CliRunner().invoke(main, [*map(str, args), "--state-dir", str(sdir), "--json"])
+        assert res.exit_code == 0, res.output
+        return json.loads(res.stdout)
+
+    def daemon():
+        rows = [r for r in ctl("status", "adopt")["processes"] if r["name"] == "daemon"]
+        return rows[0] if rows else {}
+
+    def events():
+        return " | ".join(e if isinstance(e, str) else json.dumps(e) for e in ctl("status", "adopt")["events"])
+
+    marks = tmp_path / "marks"
+    spec = tmp_path / "adopt.xml"
+    spec.write_text(SPEC.format(marks=marks))
+    directory = tmp_path / "dir.xml"
+    directory.write_text('<resources><resource name="a1" type="local" group="g"/></resources>')
+    cluster.start_manager(sdir, port=0, heartbeat=0.2, misses=3)
+    assert ctl("deploy", spec, "-r", directory)["phase"] == "running"
+    pid = daemon()["pid"]
+    strays.append(pid)
+    node = next(n for n in cluster.cluster_info(sdir)["nodes"] if n["name"] == "a1")
+    assert cluster.kill_node(node["pid"], state_dir=sdir)
+    # The watch judges nodes 10 s after the manager started, then waits its grace.
+    wait_for(lambda: "no spare node matches" in events(), timeout=30)
+    assert daemon() == {}  # a1 is not in the app any more
+    cluster.start_named_node(sdir, "a1", group="g")
+    wait_for(lambda: "a1 (c) is back" in events() and daemon().get("state") == "running", timeout=20)
+    assert daemon()["pid"] == pid and daemon()["node"] == "a1"
+    assert marks.read_text().splitlines() == [f"started {pid}"], "taken back, not started again"
+    ctl("stop", "adopt")
+    wait_for(lambda: not _alive(pid), timeout=5)
+    ctl("cleanup", "adopt")
