@@ -113,10 +113,12 @@ class NodeHost:
                 # Applications: packages pulled from the parent's data plane, processes supervised.
                 node.apps = AppHost(node, self.state_dir / name, self.factory, self.loop, link)
                 node.on_reparent = node.apps.set_upstream
-                # Take back what an earlier run of this node supervised now, not only once it joins.
-                task = asyncio.get_running_loop().create_task(node.apps.recover())
-                self._recovering.add(task)
-                task.add_done_callback(self._recovering.discard)
+                # Take back what an earlier run of this node supervised now, not only once it joins
+                # (a node that never ran an application has nothing to take back: no task).
+                if node.apps.list_apps():
+                    task = asyncio.get_running_loop().create_task(node.apps.recover())
+                    self._recovering.add(task)
+                    task.add_done_callback(self._recovering.discard)
             link.on_data = self._data_handler(node, link)
             link.on_child = node.on_child
             link.on_parent = node.on_parent
