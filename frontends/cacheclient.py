@@ -14,6 +14,12 @@ The cache is an accelerator, never a dependency: a missing, slow (past
 ``timeout``, 50 ms by default) or failing instance is a miss, and a put that
 does not land is only counted.  Nothing here raises on a cache problem.
 
+Nor need a result travel back for its put, or a cached original travel to
+its worker: :meth:`CacheClient.locate` names the key's instance and node for
+the TASK's ``put`` and ``in``, and a worker on that node stores its result
+there before it answers (counted with :meth:`CacheClient.stored_by_worker`)
+or takes its input from there.
+
 Tested in tests/frontends/test_server.py (through the front end) against the
 in-memory cache instance of tests/frontends/taskpeer.py.
 """
@@ -46,7 +52,8 @@ class CachedEntry:
 
     @property
     def content_type(self) -> str:
-        ct = self.meta.get("ct")
+        # "ct" from a front end's put, "content_type" from a worker stub's (a TASK's ``put``).
+        ct = self.meta.get("ct") or self.meta.get("content_type")
         return ct if isinstance(ct, str) and ct else "application/octet-stream"
 
 
@@ -64,7 +71,8 @@ class CacheClient:
         self._ring = HashRing()
         self._data: dict[str, str] = {}  # cache id -> data endpoint
         self._c = dict.fromkeys(("gets", "hits", "misses", "no_cache", "timeouts", "errors", "puts", "stored",
-                                 "put_failed", "too_large", "deletes", "ring_changes"), 0)  # fmt: skip
+                                 "stored_by_workers", "probes", "put_failed", "too_large", "deletes",
+                                 "ring_changes"), 0)  # fmt: skip
         beacons.add_listener(self._on_beacon)
 
     def _on_beacon(self, beacon: Beacon) -> None:
@@ -86,6 +94,25 @@ class CacheClient:
     def owner(self, key: str) -> str | None:
         """The cache instance holding ``key`` (None without caches)."""
         return self._ring.owner(key) if len(self._ring) else None
+
+    def locate(self, key: str) -> dict | None:
+        """``{w: owner instance, k: key, data: its node's data endpoint}`` (None without caches): the
+        ``put`` and ``ref`` of :meth:`TaskClient.call <frontends.dispatch.TaskClient.call>`, with which a
+        worker on that node stores its result there, or takes its input from there."""
+        owner = self.owner(key)
+        return None if owner is None else {"w": owner, "k": key, "data": self._data[owner]}
+
+    def probed(self, hit: bool) -> None:
+        """Count a lookup a worker's stub made for us (a TASK's ``probe``) like a get."""
+        self._c["gets"] += 1
+        self._c["hits" if hit else "misses"] += 1
+        self._c["probes"] += 1
+
+    def stored_by_worker(self) -> None:
+        """Count a result a worker's node wrote into its cache instance (a put this client did not send)."""
+        self._c["puts"] += 1
+        self._c["stored"] += 1
+        self._c["stored_by_workers"] += 1
 
     async def _ask(self, key: str, body: dict, extra=()) -> tuple[dict, list] | None:
         owner = self.owner(key)

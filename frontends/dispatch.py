@@ -39,6 +39,7 @@ tests/frontends/test_dispatch.py against a real-socket peer
 from __future__ import annotations
 
 import asyncio
+import heapq
 import itertools
 import logging
 import os
@@ -60,7 +61,7 @@ from manager.lbpolicy import P2C, WorkerLoad, choose
 
 __all__ = [
     "TRANSFORMATION", "AGGREGATION", "NO_SUCH_WORKER", "OVERLOADED", "DEADLINE", "WORKER_CRASHED", "FAILED",
-    "TIMEOUT", "UNREACHABLE", "BAD_REPLY", "NO_WORKERS", "SATURATED", "RETRY_CODES", "DispatchError",
+    "NO_INPUT", "TIMEOUT", "UNREACHABLE", "BAD_REPLY", "NO_WORKERS", "SATURATED", "RETRY_CODES", "DispatchError",
     "NoWorkerAvailable", "TaskTimeout", "TaskRejected", "TaskFailed", "Unreachable", "WorkerRow", "CacheRow",
     "Beacon", "BeaconClient", "DataPlane", "TaskResult", "TaskClient",
 ]  # fmt: skip
@@ -76,6 +77,7 @@ OVERLOADED = "overloaded"
 DEADLINE = "deadline"
 WORKER_CRASHED = "worker_crashed"
 FAILED = "failed"
+NO_INPUT = "no_input"  # an input named by reference is not in that cache instance: sent again with its bytes
 # Codes this module gives its own errors.
 TIMEOUT = "timeout"
 UNREACHABLE = "unreachable"
@@ -439,13 +441,14 @@ class _Conn:
 
 
 class _Pending:
-    __slots__ = ("fut", "conn", "on_settle", "timer")
+    __slots__ = ("fut", "conn", "on_settle", "due", "expired")
 
-    def __init__(self, fut: asyncio.Future, conn: _Conn, on_settle: Callable[[], Any] | None):
+    def __init__(self, fut: asyncio.Future, conn: _Conn, on_settle: Callable[[], Any] | None, due: float):
         self.fut = fut
         self.conn = conn
         self.on_settle = on_settle
-        self.timer: asyncio.TimerHandle | None = None
+        self.due = due  # loop time of its timeout, then of the end of its late grace
+        self.expired = False
 
 
 class DataPlane:
@@ -453,6 +456,11 @@ class DataPlane:
 
     ``connect_timeout`` bounds the wait for a connection (or for room under
     the HWM) before a request fails with :class:`Unreachable`.
+
+    Timeouts: one timer for all requests, over a heap of ``(due, rid)``
+    tuples, armed for the earliest request still waiting (answered ones are
+    dropped when they reach the top), so a request costs a heap push instead
+    of an event-loop timer handle, and no wakeup once answered.
     """
 
     def __init__(self, factory: SocketFactory, loop: PlaneLoop, *, connect_timeout: float = 0.5,
@@ -468,6 +476,9 @@ class DataPlane:
         self._rids = itertools.count(1)
         self._prefix = os.urandom(3).hex() + "-"
         self._aio: asyncio.AbstractEventLoop | None = None
+        self._dues: list[tuple[float, str]] = []  # heap of (loop time, rid); stale entries skipped
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = float("inf")
         self._c = dict.fromkeys(("requests", "replies", "timeouts", "late", "lost", "unreachable",
                                  "unknown_rid", "unexpected", "opened", "closed"), 0)  # fmt: skip
 
@@ -477,9 +488,11 @@ class DataPlane:
     async def stop(self) -> None:
         """Fail every request still waiting and close every socket."""
         pending, self._pending = self._pending, {}
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer, self._timer_at = None, float("inf")
+        self._dues.clear()
         for entry in pending.values():
-            if entry.timer is not None:
-                entry.timer.cancel()
             if not entry.fut.done():
                 entry.fut.cancel()
         for conn in list(self._conns.values()):
@@ -566,21 +579,58 @@ class DataPlane:
                 on_settle()
             raise
         self._c["requests"] += 1
-        entry = _Pending(self._aio.create_future(), conn, on_settle)
-        entry.timer = self._aio.call_later(timeout, self._expire, rid)
+        aio = self._aio
+        entry = _Pending(aio.create_future(), conn, on_settle, aio.time() + timeout)
         self._pending[rid] = entry
         conn.pending += 1
+        self._due(entry.due, rid)
         return await entry.fut
 
-    def _expire(self, rid: str) -> None:
-        entry = self._pending.get(rid)
-        if entry is None:
+    def _due(self, when: float, rid: str) -> None:
+        """Have :meth:`_on_timer` look at ``rid`` at loop time ``when``."""
+        dues = self._dues
+        if len(dues) > 2 * len(self._pending) + 1024:
+            # Mostly answered requests: keep the heap as small as what is in flight.
+            dues[:] = [(e.due, r) for r, e in self._pending.items()]
+            heapq.heapify(dues)
+        heapq.heappush(dues, (when, rid))
+        if when < self._timer_at:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer_at = when
+            self._timer = self._aio.call_at(when, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer, self._timer_at = None, float("inf")
+        if self._aio is None:
             return
+        dues, pending = self._dues, self._pending
+        now = self._aio.time()
+        while dues:
+            when, rid = dues[0]
+            entry = pending.get(rid)
+            if entry is not None and entry.due == when:
+                if when > now:
+                    break  # the next live deadline: the timer waits for it
+                heapq.heappop(dues)
+                if not entry.expired:
+                    self._expire(rid, entry)
+                else:
+                    self._lose(rid)
+            else:
+                heapq.heappop(dues)  # answered (or due later): no wakeup for it
+        if dues:
+            self._timer_at = dues[0][0]
+            self._timer = self._aio.call_at(self._timer_at, self._on_timer)
+
+    def _expire(self, rid: str, entry: _Pending) -> None:
+        entry.expired = True
         if not entry.fut.done():
             self._c["timeouts"] += 1
             entry.fut.set_exception(TimeoutError(f"no reply from {entry.conn.endpoint}"))
         # Keep matching a late reply for a while; then the request is lost.
-        entry.timer = self._aio.call_later(self._late_grace, self._lose, rid)
+        entry.due = self._aio.time() + self._late_grace
+        self._due(entry.due, rid)
 
     def _lose(self, rid: str) -> None:
         entry = self._pending.pop(rid, None)
@@ -607,7 +657,6 @@ class DataPlane:
             if entry is None:
                 self._c["unknown_rid"] += 1
                 continue
-            entry.timer.cancel()
             if entry.fut.done():
                 self._c["late"] += 1  # timed out (or its caller went away) before the reply
             else:
@@ -625,7 +674,12 @@ class DataPlane:
 
 @dataclass(frozen=True)
 class TaskResult:
-    """A worker's answer: the result bytes, its content type and info, who answered and after how much."""
+    """A worker's answer: the result bytes, its content type and info, who answered and after how much.
+
+    ``stored``: the worker's node wrote the result into the cache instance the call's ``put`` named;
+    ``ref_missed``: the input named by the call's ``ref`` was not in that cache instance (it was sent);
+    ``hit``: None unless the call probed the cache (``probe``), else whether ``data`` is the cached result.
+    """
 
     data: bytes
     content_type: str
@@ -634,6 +688,9 @@ class TaskResult:
     attempts: int
     elapsed: float
     queue: int | None = None
+    stored: bool = False
+    ref_missed: bool = False
+    hit: bool | None = None
 
 
 class _InflightView(Mapping):
@@ -708,9 +765,11 @@ class TaskClient:
         self._inflight = _InflightView(self._table, self._num, self._queued)
         self._rows: dict[str, WorkerRow] = {}
         self._groups: dict[tuple, list[WorkerLoad]] = {}
+        self._fast: dict[tuple, list[tuple]] = {}  # (kind, name) -> (id, queue, cost, LoadTable key) per worker
+        self._by_ref: set[str] = set()  # data endpoints whose stub takes inputs by reference (it said "stored")
         self._c = dict.fromkeys(("calls", "ok", "failed", "errors", "attempts", "redispatched", "timeouts",
-                                 "no_workers", "saturated", "unreachable", "bad_replies", NO_SUCH_WORKER,
-                                 OVERLOADED, DEADLINE, WORKER_CRASHED), 0)  # fmt: skip
+                                 "no_workers", "saturated", "unreachable", "bad_replies", "by_ref", NO_INPUT,
+                                 NO_SUCH_WORKER, OVERLOADED, DEADLINE, WORKER_CRASHED), 0)  # fmt: skip
         beacons.add_listener(self._on_beacon)
 
     # -- the load table --------------------------------------------------------
@@ -729,6 +788,7 @@ class TaskClient:
         self._queued.clear()
         self._queued.update((wid, row.q) for wid, row in rows.items())
         self._groups.clear()
+        self._fast.clear()
         self._plane.retain(beacon.endpoints())
 
     def _group(self, kind: str | None, name: str | None) -> list[WorkerLoad]:
@@ -756,11 +816,38 @@ class TaskClient:
         n = self._num.get(worker_id)
         return 0 if n is None else self._table.load(n)
 
+    def _p2c(self, kind: str | None, name: str | None) -> str | None:
+        """:func:`manager.lbpolicy.choose`'s p2c without exclusions, on precomputed rows (the hot path).
+
+        The same decision: two distinct workers drawn at random, the lower
+        ``(queue + extra in-flight + 1) * cost`` wins (ties to the first
+        drawn), with the extra in-flight count of :class:`_InflightView`.
+        None when the group has fewer than two workers.
+        """
+        key = (kind, name)
+        rows = self._fast.get(key)
+        if rows is None:
+            rows = self._fast[key] = [(w.worker, w.queue, w.cost, self._num[w.worker])
+                                      for w in self._group(kind, name)]  # fmt: skip
+        n = len(rows)
+        if n < 2:
+            return None
+        k = int(self._rng.random() * (n * (n - 1)))  # one draw: an ordered pair of distinct workers
+        i, j = divmod(k, n - 1)
+        a, b = rows[i], rows[j + (j >= i)]
+        inflight = self._table.inflight
+        sa = (a[1] + max(0, inflight(a[3]) - int(a[1])) + 1.0) * a[2]
+        sb = (b[1] + max(0, inflight(b[3]) - int(b[1])) + 1.0) * b[2]
+        return b[0] if sb < sa else a[0]
+
     def pick(self, kind: str | None = TRANSFORMATION, name: str | None = None,
              exclude: Iterable[str] = ()) -> WorkerRow:  # fmt: skip
         """Choose a worker: p2c over the group, skipping ``exclude`` and workers at ``max_queue``."""
-        group = self._group(kind, name)
         exclude = tuple(exclude)
+        fast = self._p2c(kind, name) if not exclude and self._method == P2C else None
+        if fast is not None and (self._max_queue is None or self.load(fast) < self._max_queue):
+            return self._rows[fast]
+        group = self._group(kind, name)
         try:
             choice = choose(group, self._inflight, self._rng, method=self._method, exclude=exclude)
             if self._max_queue is not None and self.load(choice.worker) >= self._max_queue:
@@ -779,6 +866,12 @@ class TaskClient:
             raise NoWorkerAvailable(f"no {what}{why}", NO_WORKERS, exclude) from None
         return self._rows[choice.worker]
 
+    def local_to(self, endpoint: str, kind: str | None = TRANSFORMATION, name: str | None = None) -> bool:
+        """Whether every worker of the class runs on the node at ``endpoint``, whose stub takes inputs by
+        reference and probes the cache: a call with ``put`` there can then skip the cache lookup before it."""
+        group = self._group(kind, name)
+        return bool(group) and endpoint in self._by_ref and all(self._rows[w.worker].data == endpoint for w in group)
+
     def _dispatched(self, worker_id: str) -> Callable[[], None]:
         n = self._num[worker_id]
         self._table.dispatched(n)
@@ -792,10 +885,22 @@ class TaskClient:
     # -- calls -----------------------------------------------------------------
     async def call(self, inputs: Sequence[bytes], params: Mapping[str, Any] | None = None, *,
                    kind: str | None = TRANSFORMATION, name: str | None = None, timeout: float | None = None,
-                   deadline: float | None = None, attempts: int | None = None) -> TaskResult:  # fmt: skip
+                   deadline: float | None = None, attempts: int | None = None,
+                   put: Mapping[str, Any] | None = None, ref: Mapping[str, Any] | None = None,
+                   probe: bool = False) -> TaskResult:  # fmt: skip
         """Run one task on a worker of ``kind`` (or named ``name``) and return its result.
 
         ``inputs`` become the TASK's extra frames, ``params`` its ``p``.
+        ``put`` (``{w: cache instance id, k: key, data: its node's data
+        endpoint, meta?}``) asks a worker on that same node to write the
+        result into that cache instance before answering (the TASK's ``put``,
+        docs/services.md); the result says whether it did (``stored``).
+        ``ref`` (same keys) names where the single input is cached: a worker
+        on that node whose stub takes inputs by reference (it said
+        ``stored`` once) gets the name instead of the bytes, and the bytes
+        only if it answers ``no_input``.  With ``probe``, such a worker's
+        stub answers from ``put``'s cache instance when the result is already
+        there (``hit``), without running anything; see :meth:`local_to`.
         Each attempt waits at most ``timeout`` (and what is left of
         ``deadline``); the next goes to a worker not tried yet.  Raises
         :class:`TaskFailed` (final), or when no attempt succeeded in the
@@ -828,9 +933,24 @@ class TaskClient:
             self._c["attempts"] += 1
             wait = min(timeout, left)
             body = {"svc": self.svc, "w": row.id, "p": params, "dl": round(wait, 3)}
-            settle = self._dispatched(row.id)
+            if put is not None and put.get("data") == row.data:
+                body["put"] = {"w": put["w"], "k": put["k"], "meta": put.get("meta") or {}}
+                if probe and row.data in self._by_ref:
+                    body["probe"] = True
+            by_ref = ref is not None and len(inputs) == 1 and ref.get("data") == row.data and row.data in self._by_ref
+            if by_ref:
+                self._c["by_ref"] += 1
+                body["in"] = [{"w": ref["w"], "k": ref["k"]}]
             try:
-                reply, extra = await self._plane.request(row.data, body, inputs, timeout=wait, on_settle=settle)
+                reply, extra = await self._plane.request(row.data, body, () if by_ref else inputs, timeout=wait,
+                                                         on_settle=self._dispatched(row.id))  # fmt: skip
+                if by_ref and reply.get("code") == NO_INPUT and reply.get("ok") is False:
+                    # Evicted there (or the ring moved it): the same worker, with the bytes this time.
+                    self._c[NO_INPUT] += 1
+                    del body["in"]
+                    body["dl"] = round(max(min(timeout, end - self._clock()), 0.001), 3)
+                    reply, extra = await self._plane.request(row.data, body, inputs, timeout=body["dl"],
+                                                             on_settle=self._dispatched(row.id))  # fmt: skip
             except Unreachable as e:
                 self._c["unreachable"] += 1
                 errors.append(TaskRejected(f"{row.id}: {e}", UNREACHABLE))
@@ -843,9 +963,14 @@ class TaskClient:
                 self._c["ok"] += 1
                 q = reply.get("q")
                 info = reply.get("info")
+                stored = "put" in body and reply.get("stored") is True
+                if stored:
+                    self._by_ref.add(row.data)  # a stub that stores results takes inputs by reference too
                 return TaskResult(bytes(extra[0]), str(reply.get("ct") or "application/octet-stream"),
                                   info if isinstance(info, dict) else {}, row.id, len(tried),
-                                  self._clock() - start, q if isinstance(q, int) else None)  # fmt: skip
+                                  self._clock() - start, q if isinstance(q, int) else None, stored,
+                                  by_ref and "in" not in body,
+                                  (reply.get("hit") is True) if "probe" in body else None)  # fmt: skip
             code = reply.get("code") if reply.get("ok") is False else BAD_REPLY
             err = str(reply.get("err") or code)
             if code == FAILED:

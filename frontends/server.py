@@ -29,9 +29,10 @@ What one ``/distill`` does, in order:
    Identical concurrent fetches and dispatches are coalesced into one.
 5. **Dispatch** to a worker (:class:`frontends.dispatch.TaskClient`: choice
    by beaconed queue + own in-flight, re-dispatch on timeout and worker
-   death) within ``timeout`` seconds; the result is cached, with an alias from
-   the URL to it (renewed at most every ``ALIAS_REFRESH`` seconds per URL),
-   and returned (``X-Cache: miss``, ``X-SNS-Worker``).
+   death) within ``timeout`` seconds; the result is cached (by the worker's
+   node itself when the key's cache instance is there: the TASK's ``put``),
+   with an alias from the URL to it (renewed at most every ``ALIAS_REFRESH``
+   seconds per URL), and returned (``X-Cache: miss``, ``X-SNS-Worker``).
 6. **BASE**: when no worker is known, all are over ``max_queue``, or none
    answered in time, the answer is approximate instead of an error: the last
    distilled version of that URL cached for any parameters
@@ -73,9 +74,10 @@ from bus.planes import PlaneLoop, SocketFactory, new_context
 from bus.protocol import MAX_EXTRA, MAX_FRAME
 from examples.transend.distill import MAX_ITEMS, DistillError, DistillParams, SheetParams
 from nodes.cachestore import CacheError, CacheStore
+from nodes.worker import tune_allocator
 from frontends.cacheclient import CacheClient
 from frontends.dispatch import (AGGREGATION, TRANSFORMATION, BeaconClient, DataPlane, DispatchError, TaskClient,
-                                TaskFailed)  # fmt: skip
+                                TaskFailed, TaskResult)  # fmt: skip
 from frontends.profiles import DEFAULTS, MAX_USER_LEN, InvalidProfile, ProfileError, SQLiteProfileStore
 
 __all__ = [
@@ -268,6 +270,11 @@ class _Original:
     content_type: str
 
 
+def _retrieve(fut: asyncio.Future) -> None:
+    if not fut.cancelled():
+        fut.exception()
+
+
 def _http_error(status: int, text: str) -> web.HTTPException:
     cls = {400: web.HTTPBadRequest, 403: web.HTTPForbidden, 404: web.HTTPNotFound, 413: web.HTTPRequestEntityTooLarge,
            414: web.HTTPRequestURITooLong, 422: web.HTTPUnprocessableEntity, 502: web.HTTPBadGateway,
@@ -306,8 +313,8 @@ class FrontEnd:
         self._c = dict.fromkeys((
             "requests", "distill", "sheet", "hits", "misses", "approximate_cached", "approximate_original",
             "unavailable", "forbidden", "bad_requests", "failed", "origin_fetches", "origin_bytes", "origin_errors",
-            "original_hits", "original_local_hits", "alias_writes", "profile_lookups", "profile_errors", "coalesced", "status_2xx", "status_3xx",
-            "status_4xx", "status_5xx"), 0)  # fmt: skip
+            "original_hits", "original_local_hits", "alias_writes", "profile_lookups", "profile_errors", "coalesced",
+            "status_2xx", "status_3xx", "status_4xx", "status_5xx"), 0)  # fmt: skip
 
     # -- lifecycle -------------------------------------------------------------
     async def start(self) -> None:
@@ -406,16 +413,40 @@ class FrontEnd:
     async def _shared(self, key: tuple, make: Callable[[], Awaitable]):
         """Run ``make()`` once for concurrent callers with the same key (single flight).
 
-        The work runs as its own task, so a client that hangs up does not
-        cancel it for the others.
+        The first caller runs the work itself (no task of its own: a request
+        costs fewer event-loop turns); the others wait on its flight, a
+        future.  aiohttp does not cancel a handler whose client hung up, so
+        the work goes on for the others; if the first caller is cancelled all
+        the same (the front end stops), a waiter that is not takes the work
+        over.
         """
-        task = self._flights.get(key)
-        if task is None:
-            task = self._flights[key] = self._spawn(make())
-            task.add_done_callback(lambda t: self._flights.pop(key, None) if self._flights.get(key) is t else None)
-        else:
+        while True:
+            flight = self._flights.get(key)
+            if flight is None:
+                break
             self._c["coalesced"] += 1
-        return await asyncio.shield(task)
+            try:
+                return await asyncio.shield(flight)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if not flight.cancelled() or (task is not None and task.cancelling()):
+                    raise  # we are the ones being cancelled
+        flight = self._flights[key] = asyncio.get_running_loop().create_future()
+        flight.add_done_callback(_retrieve)  # no "exception never retrieved" for a flight nobody waited on
+        try:
+            result = await make()
+        except asyncio.CancelledError:
+            flight.cancel()
+            raise
+        except BaseException as e:
+            flight.set_exception(e)
+            raise
+        else:
+            flight.set_result(result)
+            return result
+        finally:
+            if self._flights.get(key) is flight:
+                del self._flights[key]
 
     # -- middleware and signals ------------------------------------------------------
     @web.middleware
@@ -500,14 +531,21 @@ class FrontEnd:
             self._c["bad_requests"] += 1
             raise _http_error(400, f"{e}\n") from None
 
+    def _local_original(self, key: str) -> _Original | None:
+        """The original of cache key ``key`` if this process holds it (no I/O)."""
+        local = self._originals.get(key) if self._originals is not None else None
+        if local is None:
+            return None
+        self._c["original_hits"] += 1
+        self._c["original_local_hits"] += 1
+        return _Original(local.data, local.content_type or "application/octet-stream")
+
     async def _original(self, url: str) -> _Original:
         """The original bytes of ``url``: local LRU, cache, else one shared fetch; raises _OriginError."""
         key = _original_key(url)
-        local = self._originals.get(key) if self._originals is not None else None
+        local = self._local_original(key)
         if local is not None:
-            self._c["original_hits"] += 1
-            self._c["original_local_hits"] += 1
-            return _Original(local.data, local.content_type or "application/octet-stream")
+            return local
         hit = await self.cache.get(key)
         if hit is not None:
             self._c["original_hits"] += 1
@@ -575,10 +613,38 @@ class FrontEnd:
         self._c["hits" if cache == "hit" else "misses"] += 1
         return web.Response(body=data, headers=headers)
 
-    async def _store(self, key: str, alias: str, data: bytes, ctype: str) -> None:
-        if await self.cache.put(key, data, {"ct": ctype}) and self._alias_due(alias):
+    async def _store(self, key: str, alias: str, data: bytes | None, ctype: str) -> None:
+        """Put the result (unless ``data`` is None: the worker's node stored it) and, when due, its alias."""
+        if data is not None and not await self.cache.put(key, data, {"ct": ctype}):
+            return
+        if self._alias_due(alias):
             self._c["alias_writes"] += 1
             await self.cache.put(alias, key.encode(), {})
+
+    async def _run(self, key: str, alias: str, inputs: list[bytes], params: dict, kind: str, name: str | None,
+                   source: tuple[str, str] | None, probe: bool) -> TaskResult:  # fmt: skip
+        """Dispatch (once for every request that waits on ``key``), then cache the result.
+
+        ``source``: (cache key, content type) of the single input, an original the cache holds: a worker on
+        its node reads it there instead of receiving it.  ``probe``: the cache was not asked for the
+        result; the worker's stub answers it from there if it is cached (``res.hit``).
+        """
+        ref = self.cache.locate(source[0]) if source is not None else None
+        res = await self.tasks.call(inputs, params, kind=kind, name=name, put=self.cache.locate(key), ref=ref,
+                                    probe=probe)  # fmt: skip
+        if res.hit is not None:
+            self.cache.probed(res.hit)
+            if res.hit:
+                return res  # the cached result: nothing ran, nothing to store
+        if res.ref_missed:
+            # Evicted from its instance, or the ring moved it: put it back for the next requests.
+            self._spawn(self.cache.put(source[0], inputs[0], {"ct": source[1]}))
+        if res.stored:
+            self.cache.stored_by_worker()  # the worker's node wrote it into the cache before answering
+            if alias in self._aliased and self._clock() - self._aliased[alias] < ALIAS_REFRESH:
+                return res  # nothing else to write: no task for it
+        self._spawn(self._store(key, alias, None if res.stored else res.data, res.content_type))
+        return res
 
     def _alias_due(self, alias: str) -> bool:
         """Whether to (re)write ``alias`` now: not written by this front end in the last ALIAS_REFRESH s."""
@@ -605,16 +671,25 @@ class FrontEnd:
         raise _http_error(503, f"no worker could answer ({err.code}) and no approximate version is cached: {err}\n")
 
     async def _dispatch(self, key: str, alias: str, inputs: list[bytes], params: dict, kind: str,
-                        name: str | None, original: _Original | None) -> web.Response:  # fmt: skip
+                        name: str | None, original: _Original | None, source: str | None = None,
+                        probe: bool = False) -> web.Response:  # fmt: skip
+        where = (source, original.content_type) if source is not None and original is not None else None
         try:
-            res = await self._shared(("r", key), lambda: self.tasks.call(inputs, params, kind=kind, name=name))
+            res = await self._shared(("r", key), lambda: self._run(key, alias, inputs, params, kind, name, where,
+                                                                   probe))  # fmt: skip
         except TaskFailed as e:
             self._c["failed"] += 1
             raise _http_error(422, f"the worker could not process the input: {e.err}\n") from None
         except DispatchError as e:
+            if probe:
+                # No worker took it (saturated, say): a cached result is still a hit.
+                hit = await self.cache.get(key)
+                if hit is not None:
+                    return self._answer(hit.data, hit.content_type, cache="hit")
             log.debug("approximate answer for %s: %s", key, e)
             return await self._approximate(alias, original, e)
-        self._spawn(self._store(key, alias, res.data, res.content_type))
+        if res.hit:
+            return self._answer(res.data, res.content_type, cache="hit")
         return self._answer(res.data, res.content_type, cache="miss", worker=res.worker)
 
     # -- handlers ----------------------------------------------------------------------
@@ -635,6 +710,15 @@ class FrontEnd:
             self._c["bad_requests"] += 1
             raise _http_error(400, "worker must be a worker class name of the service (letters, digits, _ . -)\n")
         key = result_key("distill" if worker == self.config.distill_worker else f"distill:{worker}", [url], params)
+        alias, source = _alias_key("distill", [url]), _original_key(url)
+        where = self.cache.locate(key)
+        if where is not None and self.tasks.local_to(where["data"], TRANSFORMATION, worker):
+            original = self._local_original(source)
+            if original is not None:
+                # The workers and the result's cache instance share a node: the worker's stub looks the
+                # result up there (probe) instead of a lookup of our own first.
+                return await self._dispatch(key, alias, [original.data], params, TRANSFORMATION, worker, original,
+                                            source, probe=True)  # fmt: skip
         hit = await self.cache.get(key)
         if hit is not None:
             return self._answer(hit.data, hit.content_type, cache="hit")
@@ -642,8 +726,7 @@ class FrontEnd:
             original = await self._original(url)
         except _OriginError as e:
             raise _http_error(e.status, e.text) from None
-        return await self._dispatch(key, _alias_key("distill", [url]), [original.data], params, TRANSFORMATION,
-                                    worker, original)  # fmt: skip
+        return await self._dispatch(key, alias, [original.data], params, TRANSFORMATION, worker, original, source)
 
     async def handle_sheet(self, request: web.Request) -> web.Response:
         """``GET /sheet?url=..&url=..``: a contact sheet (aggregation) of several images."""
@@ -708,6 +791,7 @@ async def serve(config: FrontEndConfig, host: str = "127.0.0.1", port: int = 808
     ``ready(port)`` is called once the socket listens (with the real port when ``port`` is 0).
     """
     stop = stop or asyncio.Event()
+    tune_allocator()  # originals and results by the hundred kilobytes: keep large buffers for reuse
     async with FrontEnd(config) as fe:
         runner = web.AppRunner(fe.make_app(), access_log=logging.getLogger("aiohttp.access") if access_log else None)
         await runner.setup()

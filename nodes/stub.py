@@ -8,8 +8,9 @@ contracts):
 
 * **Worker instances.**  One OS process each (``python -m nodes.worker``)
   running a registered callable, one request at a time, fed from a bounded
-  FIFO queue.  The stub talks to it over pipes, never blocking the event
-  loop.  A process that dies (kill -9, ``os._exit``, a segfault) is seen at
+  FIFO queue (a quick one gets the next requests written ahead, see
+  :class:`_Instance`).  The stub talks to it over pipes, never blocking the
+  event loop.  A process that dies (kill -9, ``os._exit``, a segfault) is seen at
   once, since its pipe closes, and restarted with backoff; the request it was
   running is re-queued at the head once, and answered ``worker_crashed``
   when it kills a second process.  A callable that raises answers ``failed``
@@ -29,10 +30,21 @@ Nothing is created before the first spawn or cache: no task, no process, no
 socket.  The tree operations are ``SVC_HANDLERS`` (``op(node, args, budget)``,
 see :mod:`nodes.ops`); they find the stub as ``node.stub``.
 
+A TASK with a ``put`` to a cache instance of this node may also say
+``probe: true``: if the result is already there, it is answered from there at
+once (``hit: true``), whatever the worker's queue.
+
+A TASK for a worker instance may name its inputs instead of carrying them:
+``in: [{w: cache instance id, k: key}, ...]`` and no input frame; each is
+taken from that cache instance of this node, and a TASK whose input is not
+there is answered ``no_input`` (the front end sends it again with the bytes).
+
 A TASK for a worker instance may carry, besides the contract's fields,
 ``put: {w: cache instance id, k: key, data?: that node's data endpoint,
 meta?: map}``: after a successful run the result is stored there with
-``content_type`` in its metadata (best effort, never delaying the reply).
+``content_type`` in its metadata.  A cache instance of this node is written
+before the answer, which then says ``stored: true``; one on another node gets
+the result after the answer (best effort, never delaying it).
 """
 
 from __future__ import annotations
@@ -49,7 +61,7 @@ from dataclasses import dataclass
 from bus import protocol as p
 from bus.planes import PlaneError
 from nodes.cachestore import CacheError, CacheStore
-from nodes.worker import KINDS, WorkerProcess
+from nodes.worker import KINDS, WorkerProcess, tune_allocator
 
 __all__ = [
     "WorkerStub",
@@ -59,6 +71,7 @@ __all__ = [
     "DEADLINE",
     "WORKER_CRASHED",
     "FAILED",
+    "NO_INPUT",
     "CODES",
 ]
 
@@ -70,10 +83,13 @@ OVERLOADED = "overloaded"
 DEADLINE = "deadline"
 WORKER_CRASHED = "worker_crashed"
 FAILED = "failed"
-CODES = (NO_SUCH_WORKER, OVERLOADED, DEADLINE, WORKER_CRASHED, FAILED)
+NO_INPUT = "no_input"  # an input named by reference ("in") is not in that cache instance of this node
+CODES = (NO_SUCH_WORKER, OVERLOADED, DEADLINE, WORKER_CRASHED, FAILED, NO_INPUT)
 
 CACHE_KIND = "cache"
 COST_ALPHA = 0.3  # weight of the newest sample in the cost EWMA
+PIPELINE_AHEAD = 0.002  # seconds a request may be expected to wait in a worker's pipe behind others
+PIPELINE_MAX = 32  # requests written to one worker process and not answered yet, at most
 START_TIMEOUT = 30.0  # seconds for a worker process to import its callable and say ready
 MAX_START_FAILURES = 5  # restarts in a row that die before ready: the instance is broken
 RESTART_BASE, RESTART_CAP = 0.05, 2.0  # backoff between restarts after crashes in a row
@@ -81,6 +97,9 @@ REAP_GRACE = 30.0  # default seconds a reaped instance gets to finish its queue
 MAX_PUT_PEERS = 32  # data DEALERs kept open to other nodes' cache instances
 PUT_BACKLOG = 64  # results waiting per peer for its DEALER to connect or drain
 PUT_PATIENCE, PUT_RETRY = 2.0, 0.005  # seconds a result may wait to leave, and between tries
+# Replies to one front end that meet its HWM on the data ROUTER wait here: at most PARK_LIMIT per peer,
+# PARK_PATIENCE seconds each, retried every PARK_RETRY seconds.
+PARK_LIMIT, PARK_PATIENCE, PARK_RETRY = 4096, 10.0, 0.001
 
 _STAGE = r"(?:entrypoint:[\w.-]+|[A-Za-z_][\w.]*:[A-Za-z_][\w.]*)"
 _CALLABLE = re.compile(rf"^{_STAGE}(\s*\|\s*{_STAGE})*$")  # module:function, entrypoint:NAME, a | b
@@ -119,10 +138,22 @@ STARTING, READY, RECOVERING, ENDED = "starting", "ready", "recovering", "ended"
 class _Instance:
     """One worker instance: its queue, its process (replaced when it dies) and its counters.
 
-    The hot path is callbacks only: a TASK is written to the idle process at
-    once (:meth:`submit`), and the reply, parsed from the pipe, is answered
-    and the next request written in the same callback.  Tasks run only to
-    start a process, to recover from a crash and to stop.
+    The hot path is callbacks only: the TASKs of one data-plane batch are
+    queued (:meth:`submit`) and written to the process together once the
+    batch is read; the replies of one pipe read are answered and the next
+    requests written in the same callback.  Tasks run only to start a
+    process, to recover from a crash and to stop.
+
+    Pipelining: once the instance's cost is known, the next request is
+    written while the process runs one (so it starts the moment the last one
+    is done), and more behind it when the process is quick (its cost times
+    the requests ahead of it at most ``PIPELINE_AHEAD``), at most
+    ``PIPELINE_MAX`` deep.  A request whose deadline is near stays queued
+    here; one written ahead carries its deadline (``dl``, on the host's
+    monotonic clock), which the process checks before running it.
+    ``inflight`` holds the written requests in order: the first is the one
+    running, so a crash re-queues it (once) and puts the others back at the
+    head of the queue as they were.
     """
 
     def __init__(self, stub: "WorkerStub", svc: str, worker: str, fn: str, kind: str, iid: str, path: list):
@@ -134,10 +165,11 @@ class _Instance:
         self.state = STARTING
         self.pipe: WorkerProcess | None = None
         self.pid: int | None = None
-        self.running: _Request | None = None
-        self.t0 = 0.0  # when the running request was written
+        self.inflight: deque[_Request] = deque()  # written to the process, answered in this order
+        self.t0 = 0.0  # when the first in-flight request started: written to an idle process, or the last reply
+        self._pump_soon: asyncio.Handle | None = None
         self.accepting = True  # False once reaped or stopped: new requests get no_such_worker
-        loop = asyncio.get_running_loop()
+        self._loop = loop = asyncio.get_running_loop()
         self.ready: asyncio.Future = loop.create_future()  # None once up, or why it could not start
         self._hello: asyncio.Future | None = None
         self._drained: asyncio.Future | None = None
@@ -150,17 +182,22 @@ class _Instance:
         self.overhead = 0.0  # EWMA seconds a request spends outside the callable (pipe, switches, loop)
 
     # -- rows and answers -----------------------------------------------------------
+    @property
+    def queued(self) -> int:
+        """Requests waiting: in the queue, or written behind the running one."""
+        return len(self.queue) + max(len(self.inflight) - 1, 0)
+
     def row(self) -> dict:
-        self.reported_q = len(self.queue)
+        q = self.reported_q = self.queued
         return {
             "svc": self.svc, "id": self.id, "w": self.worker, "kind": self.kind,
-            "q": len(self.queue), "busy": 0 if self.running is None else 1, "cost": self.cost,
+            "q": q, "busy": 1 if self.inflight else 0, "cost": self.cost,
             "done": self.done, "failed": self.failed, "crashes": self.crashes, "cache": False,
         }  # fmt: skip
 
     def _fail(self, req: _Request, code: str, err: str) -> None:
         self.stub._count(code)
-        self.stub._reply(req.identity, req.ref, _error(req.rid, code, err, len(self.queue)))
+        self.stub._reply(req.identity, req.ref, _error(req.rid, code, err, len(self.queue) + len(self.inflight)))
 
     def _answer_all(self, code: str, err: str) -> None:
         while self.queue:
@@ -169,42 +206,69 @@ class _Instance:
     # -- the hot path -------------------------------------------------------------
     def submit(self, req: _Request) -> None:
         self.queue.append(req)
-        if self.running is None:
-            self._pump()
-        elif len(self.queue) > 2 * self.reported_q + 1:
+        if self.state == READY and self._pump_soon is None:
+            # Written once the data-plane batch is read: the batch's requests go in one write.
+            self._pump_soon = self._loop.call_soon(self._pump)
+        if len(self.queue) > 2 * self.reported_q + 1:
             # The queue doubled since the last report: tell the manager now, not at the next
             # interval, so a burst is answered by a spawn within a fraction of a second.
             self.stub._report_soon()
 
     def _pump(self) -> None:
-        """Write the next request to an idle process (answering the expired ones on the way)."""
-        while self.state == READY and self.running is None and self.queue:
-            req = self.queue.popleft()
-            if req.deadline is not None and self.stub.clock() >= req.deadline:
-                self._fail(req, DEADLINE, "its deadline passed while it waited in the queue")
-                continue
-            self.running = req
-            self.t0 = self.stub.clock()
-            self.pipe.send([p.packb({"p": req.params}), *req.inputs])
-            return
-        if self._drained is not None and self.running is None and not self.queue and not self._drained.done():
+        """Write what the process may take now (answering the expired requests on the way)."""
+        if self._pump_soon is not None:
+            self._pump_soon.cancel()
+            self._pump_soon = None
+        inflight, queue = self.inflight, self.queue
+        if self.state == READY and queue:
+            now = self.stub.clock()
+            batch = []
+            cost = self.cost
+            while queue:
+                ahead = len(inflight)
+                if ahead and (ahead >= PIPELINE_MAX or cost <= 0.0 or (ahead > 1 and cost * ahead > PIPELINE_AHEAD)):
+                    break  # the process is busy and not known to be quick enough: wait for its answer
+                req = queue.popleft()
+                if req.deadline is not None and now >= req.deadline:
+                    self._fail(req, DEADLINE, "its deadline passed while it waited in the queue")
+                    continue
+                if ahead and req.deadline is not None and req.deadline - now < 2 * cost * ahead:
+                    queue.appendleft(req)  # it may well expire in the pipe: it waits here, where it is checked
+                    break
+                meta = {"p": req.params}
+                if ahead and req.deadline is not None:
+                    # The process checks it before running the request, on the host's monotonic clock.
+                    meta["dl"] = time.monotonic() + (req.deadline - now)
+                elif not ahead:
+                    self.t0 = now
+                inflight.append(req)
+                batch.append([p.packb(meta), *req.inputs])
+            if batch:
+                self.pipe.send_many(batch)
+        if self._drained is not None and not inflight and not queue and not self._drained.done():
             self._drained.set_result(None)
 
-    def _on_message(self, pipe: WorkerProcess, frames: list) -> None:
+    def _on_message(self, pipe: WorkerProcess, messages: list) -> None:
         if pipe is not self.pipe:
             return
         if self._hello is not None and not self._hello.done():
-            self._hello.set_result(frames)
-            return
-        req, self.running = self.running, None
-        if req is None:
-            pipe._lose("it spoke out of turn")  # treated as a crash: restarted
-            return
+            self._hello.set_result(messages[0])
+            messages = messages[1:]
+            if not messages:
+                return
+        now = self.stub.clock()
+        # The process served these one after the other since the first started: each took its share.
+        took = max(now - self.t0, 0.0) / len(messages)
+        self.t0 = now
+        for frames in messages:
+            if not self.inflight:
+                pipe._lose("it spoke out of turn")  # treated as a crash: restarted
+                return
+            req = self.inflight.popleft()
+            self.cost = took if self.cost <= 0.0 else self.cost + COST_ALPHA * (took - self.cost)
+            self._finish(req, frames, took)
         self.crashes_in_row = 0
-        took = self.stub.clock() - self.t0
-        self.cost = took if self.cost <= 0.0 else self.cost + COST_ALPHA * (took - self.cost)
         self.stub._known_cost[(self.svc, self.worker)] = self.cost
-        self._finish(req, frames, took)
         self._pump()
 
     def _finish(self, req: _Request, frames: list, took: float) -> None:
@@ -213,6 +277,9 @@ class _Instance:
             ok = meta.get("ok") is True
         except (p.MalformedBody, AttributeError):
             meta, ok = {"err": "the worker process sent an unreadable reply"}, False
+        if not ok and meta.get("code") == DEADLINE:
+            self._fail(req, DEADLINE, "its deadline passed while it waited in the queue")
+            return
         if ok and len(frames) == 2:
             self.done += 1
             run = meta.get("run_s")
@@ -221,10 +288,15 @@ class _Instance:
                 extra = max(took - run, 0.0)
                 self.overhead = extra if self.done == 1 else self.overhead + COST_ALPHA * (extra - self.overhead)
             ct = meta.get("ct")
-            body = {"rid": req.rid, "ok": True, "ct": ct, "info": meta.get("info") or {}, "q": len(self.queue)}
+            body = {"rid": req.rid, "ok": True, "ct": ct, "info": meta.get("info") or {},
+                    "q": len(self.queue) + len(self.inflight)}
+            put = req.put
+            local = put is not None and put["w"] in self.stub._caches
+            if local and self.stub._cache_write(put, frames[1], ct):
+                body["stored"] = True  # written here before the answer: a later get finds it
             self.stub._reply(req.identity, req.ref, body, [frames[1]])
-            if req.put is not None:
-                self.stub._cache_write(req.put, frames[1], ct)
+            if put is not None and not local:
+                self.stub._cache_write(put, frames[1], ct)  # to another node, after the answer
             return
         self.failed += 1
         self._fail(req, FAILED, str(meta.get("err") or "the worker failed without saying why"))
@@ -243,9 +315,14 @@ class _Instance:
         self.crashes += 1
         self.crashes_in_row += 1
         self.stub._c["crashes"] += 1
-        req, self.running = self.running, None
+        written = list(self.inflight)
+        self.inflight.clear()
+        req = written[0] if written else None
         log.warning("%s: worker process %d died (%s)%s; restarting", self.id, pipe.pid, why,
                     f" running request {req.rid!r}" if req else "")  # fmt: skip
+        # The process wrote every answer it had before it died, so the first request not answered is the
+        # one it was running; the ones written behind it never started: first in line again, as they were.
+        self.queue.extendleft(reversed(written[1:]))
         if req is not None:
             req.attempts += 1
             if req.attempts >= 2:
@@ -352,10 +429,9 @@ class _Instance:
         if self.state != ENDED:
             self.state = ENDED
             self.accepting = False
-            busy = self.running is not None
-            if busy:
-                req, self.running = self.running, None
-                self._fail(req, code, err)
+            busy = bool(self.inflight)
+            while self.inflight:
+                self._fail(self.inflight.popleft(), code, err)
             self._answer_all(code, err)
             self.stub._gone(self)
             pipe, self.pipe = self.pipe, None
@@ -434,13 +510,16 @@ class WorkerStub:
         self._retiring: set[asyncio.Task] = set()  # worker processes being ended and reaped
         self._pending_puts: dict[str, deque] = {}  # data endpoint -> (frames, since) not sent yet
         self._flush_handle: asyncio.TimerHandle | None = None
+        self._parked: dict[bytes, deque] = {}  # front end identity -> (reply frames, since) waiting for room
+        self._park_handle: asyncio.TimerHandle | None = None
         self._closed = False
         self._c = dict.fromkeys((
-            "tasks", "replies", "replies_dropped", "bad_tasks", "cache_ops", "spawns", "spawn_failures",
-            "starts", "restarts", "crashes", "reaps", "reports", "cache_writes", "cache_writes_remote",
+            "tasks", "replies", "replies_dropped", "replies_parked", "probe_hits", "bad_tasks", "cache_ops", "spawns",
+            "spawn_failures", "starts", "restarts", "crashes", "reaps", "reports", "cache_writes", "cache_writes_remote",
             "cache_write_failures", *CODES,
         ), 0)  # fmt: skip
         self._c["start_s"] = 0.0
+        tune_allocator()  # this process now moves inputs and results: keep large buffers for reuse
 
     # -- the data plane ------------------------------------------------------------
     def on_task(self, identity: bytes, msg: p.Message) -> None:
@@ -459,18 +538,27 @@ class WorkerStub:
             self._count(NO_SUCH_WORKER)
             self._reply(identity, ref, _error(rid, NO_SUCH_WORKER, f"no worker instance {wid!r} on node {self.node.name}", 0))
             return
-        q = len(inst.queue)
-        params, dl, put = body.get("p") or {}, body.get("dl"), body.get("put")
+        q = inst.queued
+        params, dl, put, refs = body.get("p") or {}, body.get("dl"), body.get("put"), body.get("in")
+        if body.get("probe") is True and isinstance(put, dict) and self._probe(identity, ref, rid, put, q):
+            return
+        inputs = msg.extra if refs is None else self._inputs(refs, msg.extra)
+        if inputs is None:
+            self._count(NO_INPUT)
+            self._reply(identity, ref, _error(rid, NO_INPUT, f"an input of {wid} is not in the cache here", q))
+            return
         problem = None
-        if not isinstance(params, dict):
+        if isinstance(inputs, str):
+            problem = inputs
+        elif not isinstance(params, dict):
             problem = "'p' (the parameters) must be a map"
         elif dl is not None and (not isinstance(dl, (int, float)) or isinstance(dl, bool) or not math.isfinite(dl)):
             problem = "'dl' (seconds left) must be a number"
         elif put is not None and not (isinstance(put, dict) and isinstance(put.get("w"), str) and isinstance(put.get("k"), str)):
             problem = "'put' must be a map with the cache instance 'w' and the key 'k'"
-        elif inst.kind == "transformation" and len(msg.extra) != 1:
-            problem = f"a transformation takes one input object, got {len(msg.extra)}"
-        elif not msg.extra:
+        elif inst.kind == "transformation" and len(inputs) != 1:
+            problem = f"a transformation takes one input object, got {len(inputs)}"
+        elif not inputs:
             problem = "an aggregation takes at least one input object"
         if problem is not None:
             self._c["bad_tasks"] += 1
@@ -482,7 +570,35 @@ class WorkerStub:
             self._reply(identity, ref, _error(rid, OVERLOADED, f"the queue of {wid} is full ({q} requests)", q))
             return
         deadline = None if dl is None else self.clock() + dl
-        inst.submit(_Request(identity, ref, rid, params, msg.extra, deadline, put))
+        inst.submit(_Request(identity, ref, rid, params, inputs, deadline, put))
+
+    def _probe(self, identity: bytes, ref: int, rid, put: dict, q: int) -> bool:
+        """A TASK with ``probe``: when its result is already in ``put``'s cache instance here, answer it
+        from there at once (``hit: true``, nothing runs); True if answered."""
+        cache = self._caches.get(put.get("w")) if isinstance(put.get("w"), str) else None
+        entry = cache.store.get(put["k"]) if cache is not None and isinstance(put.get("k"), str) else None
+        if entry is None:
+            return False
+        ct = entry.meta.get("content_type") or entry.meta.get("ct") or "application/octet-stream"
+        self._c["probe_hits"] += 1
+        self._reply(identity, ref, {"rid": rid, "ok": True, "ct": ct, "info": {}, "q": q, "hit": True}, [entry.data])
+        return True
+
+    def _inputs(self, refs, extra: list) -> list | str | None:
+        """The inputs a TASK names by reference (``in``): their bytes, None if one is not cached here, or
+        a sentence saying what is wrong with ``in``."""
+        if extra or not isinstance(refs, list) or not 1 <= len(refs) <= p.MAX_EXTRA:
+            return "'in' must list 1 to MAX_EXTRA inputs, and the TASK then carries no input frame"
+        inputs = []
+        for r in refs:
+            if not (isinstance(r, dict) and isinstance(r.get("w"), str) and isinstance(r.get("k"), str)):
+                return "each input of 'in' is a map with the cache instance 'w' and the key 'k'"
+            cache = self._caches.get(r["w"])
+            entry = cache.store.get(r["k"]) if cache is not None else None
+            if entry is None:
+                return None
+            inputs.append(entry.data)
+        return inputs
 
     def _cache_op(self, identity: bytes, ref: int, cache: _Cache, body: dict, extra: list) -> None:
         self._c["cache_ops"] += 1
@@ -512,19 +628,63 @@ class WorkerStub:
         except p.ProtocolError as e:  # an oversized or unpackable result: say so instead
             frames = p.encode(p.MsgType.TASK_REPLY, _error(body.get("rid"), FAILED, f"the result cannot be sent: {e}",
                                                            body.get("q", 0)), src=self.node.node_id, ref=ref)  # fmt: skip
-        sent = False
+        frames = [identity, *frames]
+        parked = self._parked.get(identity)
+        if parked is not None:
+            # Replies to this front end already wait for room: this one waits behind them (order per peer).
+            self._park(parked, frames)
+            return
+        sent = None
         if sock is not None and not sock.closed:
             try:
-                sent = self.link.loop.send(sock, [identity, *frames])
+                sent = self.link.loop.send(sock, frames)
             except (PlaneError, ValueError):  # the front end is gone (PeerUnreachable), or the socket is
-                sent = False
+                sent = None
+        if sent is False:
+            # The front end's queue on our ROUTER is at its HWM (a burst of replies to one peer): the
+            # reply waits for room instead of being lost.
+            self._park(self._parked.setdefault(identity, deque()), frames)
+            return
         self._c["replies" if sent else "replies_dropped"] += 1
+
+    def _park(self, parked: deque, frames: list) -> None:
+        if len(parked) >= PARK_LIMIT:
+            parked.popleft()  # a peer that never reads: its oldest reply goes
+            self._c["replies_dropped"] += 1
+        parked.append((frames, time.monotonic()))
+        self._c["replies_parked"] += 1
+        if self._park_handle is None and not self._closed:
+            self._park_handle = asyncio.get_running_loop().call_later(PARK_RETRY, self._unpark)
+
+    def _unpark(self) -> None:
+        """Send the parked replies that fit now; the rest wait for the next try (PARK_PATIENCE at most)."""
+        self._park_handle = None
+        sock = self.link.data
+        now = time.monotonic()
+        for identity, parked in list(self._parked.items()):
+            while parked:
+                frames, since = parked[0]
+                sent = None
+                if sock is not None and not sock.closed and now - since <= PARK_PATIENCE:
+                    try:
+                        sent = self.link.loop.send(sock, frames)
+                    except (PlaneError, ValueError):
+                        sent = None
+                if sent is False:
+                    break  # still no room for this peer: later
+                parked.popleft()
+                self._c["replies" if sent else "replies_dropped"] += 1
+            if not parked:
+                del self._parked[identity]
+        if self._parked and not self._closed:
+            self._park_handle = asyncio.get_running_loop().call_later(PARK_RETRY, self._unpark)
 
     def _count(self, code: str) -> None:
         self._c[code] += 1
 
     # -- results into the cache ----------------------------------------------------------
-    def _cache_write(self, put: dict, data: bytes, ct) -> None:
+    def _cache_write(self, put: dict, data: bytes, ct) -> bool:
+        """Write a result into cache instance ``put["w"]``: True when stored here (a local instance)."""
         meta = dict(put.get("meta") or {}) if isinstance(put.get("meta"), dict) else {}
         if isinstance(ct, str):
             meta["content_type"] = ct
@@ -533,14 +693,15 @@ class WorkerStub:
             try:
                 local.store.put(put["k"], data, meta)
                 self._c["cache_writes"] += 1
+                return True
             except (ValueError, TypeError, CacheError) as e:
                 self._c["cache_write_failures"] += 1
                 log.debug("cache write to %s failed: %s", put["w"], e)
-            return
+            return False
         endpoint = put.get("data")
         if not isinstance(endpoint, str) or endpoint == self.link.data_endpoint:
             self._c["cache_write_failures"] += 1  # no such cache here, and nowhere else to send it
-            return
+            return False
         try:
             frames = p.encode(p.MsgType.TASK, {"svc": put.get("svc", ""), "w": put["w"], "rid": None, "op": "put",
                                                "k": put["k"], "meta": meta}, src=self.node.node_id, extra=[data])  # fmt: skip
@@ -548,13 +709,14 @@ class WorkerStub:
         except (p.ProtocolError, PlaneError) as e:  # best effort: a cache write never fails the request
             log.debug("cache write to %s at %s failed: %s", put["w"], endpoint, e)
             self._c["cache_write_failures"] += 1
-            return
+            return False
         waiting = self._pending_puts.setdefault(endpoint, deque())
         if len(waiting) >= PUT_BACKLOG:
             waiting.popleft()
             self._c["cache_write_failures"] += 1
         waiting.append((frames, time.monotonic()))
         self._flush_puts()
+        return False
 
     def _flush_puts(self) -> None:
         # A fresh DEALER refuses sends until it is connected (IMMEDIATE), and a
@@ -702,6 +864,13 @@ class WorkerStub:
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
+        if self._park_handle is not None:
+            self._park_handle.cancel()
+            self._park_handle = None
+        self._unpark()  # a last try; what still finds no room is lost with the node
+        for parked in self._parked.values():
+            self._c["replies_dropped"] += len(parked)
+        self._parked.clear()
         for waiting in self._pending_puts.values():
             self._c["cache_write_failures"] += len(waiting)
         self._pending_puts.clear()
@@ -768,7 +937,7 @@ class WorkerStub:
         """A snapshot of the counters and of each instance (pid, state, start time)."""
         snap = dict(self._c)
         snap["workers"] = {
-            w.id: {"state": w.state, "pid": w.pid, "queued": len(w.queue), "busy": w.running is not None,
+            w.id: {"state": w.state, "pid": w.pid, "queued": w.queued, "busy": bool(w.inflight),
                    "restarts": w.restarts, "crashes": w.crashes, "start_s": w.start_s, "overhead_s": w.overhead,
                    "accepting": w.accepting}
             for w in self._workers.values()

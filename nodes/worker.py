@@ -20,11 +20,22 @@ configuration); the rest are raw bytes.  The conversation:
    front of ``sys.path`` before the import).
 2. process -> stub: ``{"ready": true, "pid"}``, or ``{"ready": false,
    "err"}`` and the process exits.
-3. For each request, stub -> process: ``{"p": params}`` + the input objects;
+3. For each request, stub -> process: ``{"p": params, "dl"?}`` + the input objects;
    process -> stub: ``{"ok": true, "ct", "info", "run_s"}`` + the result (``run_s``:
    the callable's own time, so the stub can tell its overhead), or
    ``{"ok": false, "err"}`` when the callable raised (the process keeps
    serving).  A process that dies instead has crashed; the stub restarts it.
+   Answers come in the order of the requests.
+
+The stub may write requests before the last one is answered (pipelining: the
+next request is there the moment the process is free, and a quick callable
+gets several per write, so each side wakes once per batch, not per request).  A request written behind others carries
+``dl``, its deadline on the host's monotonic clock (``time.monotonic()``,
+the same in every process); if it passed while the request waited behind the
+ones ahead of it, the process answers ``{"ok": false, "code": "deadline",
+"err"}`` without running it.  Each answer is written as soon as it is made:
+the answers that reached the pipe before a crash are the stub's to read, so
+the first request not answered is the one that was running.
 
 The callable takes ``{"params": map, "data": bytes}`` (transformation) or
 ``{"params": map, "items": [bytes, ...]}`` (aggregation) and returns
@@ -60,6 +71,7 @@ __all__ = [
     "MessageReader",
     "WorkerProcess",
     "load_callable",
+    "tune_allocator",
     "main",
 ]
 
@@ -73,6 +85,8 @@ MAX_FRAMES = p.MAX_EXTRA + 1  # a body and the extra frames of one bus message
 DEFAULT_CONTENT_TYPE = "application/octet-stream"
 STOP_GRACE = 1.0  # seconds a process gets to exit once its stdin closed
 _COALESCE = 64 * 1024  # messages up to this size go to the pipe in one write
+_READ_BUFFER = 64 * 1024  # the process's read buffer: the small requests written together come in one read
+DEADLINE_CODE = "deadline"  # the code of an answer to a request whose ``dl`` passed in the pipe
 PIPE_SIZE = 1 << 20  # bytes of each pipe's kernel buffer, where the system allows
 _ROOT = str(Path(__file__).resolve().parent.parent)  # the directory holding the nodes package
 
@@ -123,21 +137,34 @@ class MessageReader:
         self._max = max_frame
 
     def feed(self, data: bytes) -> list:
-        """The messages completed by ``data``; raises :class:`PipeError` on nonsense."""
+        """The messages completed by ``data``; raises :class:`PipeError` on nonsense.
+
+        Each frame is copied once, out of ``data`` itself when nothing was
+        left over from the last chunk (the usual case), so only an incomplete
+        tail is ever buffered.
+        """
         buf = self._buf
-        buf += data
+        if buf:
+            buf += data
+            src = buf
+        else:
+            src = data
         out, pos = [], 0
-        while True:
-            msg, end = self._one(buf, pos)
-            if msg is None:
-                break
-            out.append(msg)
-            pos = end
-        if pos:
-            del buf[:pos]  # cheap: CPython trims a bytearray's head in place
+        with memoryview(src) as view:
+            while True:
+                msg, end = self._one(src, view, pos)
+                if msg is None:
+                    break
+                out.append(msg)
+                pos = end
+        if src is buf:
+            if pos:
+                del buf[:pos]  # cheap: CPython trims a bytearray's head in place
+        elif pos < len(data):
+            buf += data[pos:] if pos else data
         return out
 
-    def _one(self, buf: bytearray, pos: int):
+    def _one(self, buf, view: memoryview, pos: int):
         have = len(buf)
         if have - pos < 4:
             return None, pos
@@ -157,9 +184,40 @@ class MessageReader:
             sizes.append(n)
         frames, off = [], pos + 4
         for n in sizes:
-            frames.append(bytes(buf[off + 4:off + 4 + n]))
+            frames.append(view[off + 4:off + 4 + n].tobytes())
             off += 4 + n
         return frames, off
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+_allocator_tuned = False
+
+
+def tune_allocator(mmap_threshold: int = 16 << 20, trim_threshold: int = 64 << 20) -> bool:
+    """Have this process's glibc malloc keep freed large buffers for reuse; True if it did (once per process).
+
+    By default glibc serves a buffer over its mmap threshold (128 KiB at
+    first, moved as such buffers come and go) with a fresh mapping, unmaps
+    it when freed and trims the heap as it shrinks, so a process that moves
+    images keeps paying for page faults on zeroed pages.  Buffers up to
+    ``mmap_threshold`` then come from the heap, which keeps up to
+    ``trim_threshold`` bytes free for the next ones.  Called by the bus's
+    data movers (the front end, the worker stub), not by worker processes:
+    their callables allocate as they would anywhere else.
+    """
+    global _allocator_tuned
+    if _allocator_tuned:
+        return True
+    try:
+        import ctypes
+
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False  # not glibc (or no C library to ask): the default allocator works too
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    _allocator_tuned = bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(
+        mallopt(_M_TRIM_THRESHOLD, trim_threshold))
+    return _allocator_tuned
 
 
 def _killpg(pid: int, sig: int) -> None:
@@ -185,7 +243,8 @@ def _widen(pipe_transport) -> None:
 class WorkerProcess:
     """The stub's end of one worker process, as an asyncio subprocess protocol.
 
-    Messages from the process go to ``on_message(self, frames)``; its end
+    Messages from the process go to ``on_message(self, messages)``, a list of
+    frame lists: every message one read of the pipe completed; its end
     goes to ``on_lost(self, why)``, once: the stdout pipe closing (at once on
     kill -9) or nonsense on it.  ``exited`` resolves to the exit code once
     asyncio's child watcher reaped it.  asyncio is imported only in these
@@ -241,10 +300,9 @@ class WorkerProcess:
         except PipeError as e:
             self._lose(f"it broke the pipe protocol: {e}")
             return
-        for frames in messages:
-            if self.lost:
-                return
-            self._on_message(self, frames)
+        if messages and not self.lost:
+            # Every message of one read at once: the stub answers them and writes the next requests in one go.
+            self._on_message(self, messages)
 
     def pipe_connection_lost(self, fd: int, exc) -> None:
         if fd == 1:
@@ -268,11 +326,17 @@ class WorkerProcess:
     # -- use ----------------------------------------------------------------------------
     def send(self, frames) -> None:
         """Write one message (never blocks: the pipe transport buffers what does not fit)."""
-        pieces = pack_message(frames)
+        self.send_many((frames,))
+
+    def send_many(self, messages) -> None:
+        """Write several messages, small ones in one write (one syscall, one wakeup of the process)."""
         if self.lost or self.stdin.is_closing():
             return  # its end is on its way to on_lost
+        pieces = []
+        for frames in messages:
+            pieces += pack_message(frames)
         if sum(map(len, pieces)) <= _COALESCE:
-            self.stdin.write(b"".join(pieces))  # one syscall for a small request
+            self.stdin.write(b"".join(pieces))
         else:
             for piece in pieces:
                 self.stdin.write(piece)  # no copy of big inputs
@@ -371,11 +435,17 @@ def _result(out, max_frame: int) -> tuple[bytes, str, dict]:
     return data, ct, dict(info)
 
 
-def _serve(rf: BinaryIO, wf: BinaryIO) -> int:
-    def send(frames) -> None:
-        wf.writelines(pack_message(frames))
-        wf.flush()
+def _write_all(fd: int, pieces: list) -> None:
+    """Write ``pieces`` to the blocking ``fd``, small ones joined into one write."""
+    if sum(map(len, pieces)) <= _COALESCE:
+        pieces = [b"".join(pieces)]
+    for piece in pieces:
+        view = memoryview(piece).cast("B")
+        while view:
+            view = view[os.write(fd, view):]
 
+
+def _serve(rf: BinaryIO, wfd: int) -> int:
     hello = read_message(rf, p.MAX_BODY)
     if hello is None:
         return 0
@@ -385,30 +455,37 @@ def _serve(rf: BinaryIO, wf: BinaryIO) -> int:
         sys.path[:0] = extra
         fn = load_callable(init.get("callable", ""))
     except Exception as e:  # whatever the import raised goes back as one sentence
-        send([p.packb({"ready": False, "err": f"cannot load {init.get('callable')!r}: {_sentence(e)}"})])
+        _write_all(wfd, pack_message([p.packb({"ready": False, "err": f"cannot load {init.get('callable')!r}: "
+                                                                       f"{_sentence(e)}"})]))  # fmt: skip
         return 1
     aggregation = init.get("kind") == AGGREGATION
-    send([p.packb({"ready": True, "pid": os.getpid()})])
+    _write_all(wfd, pack_message([p.packb({"ready": True, "pid": os.getpid()})]))
+    perf = time.perf_counter
     while True:
-        msg = read_message(rf, p.MAX_FRAME)
+        msg = read_message(rf, p.MAX_FRAME)  # small requests: several per read of the pipe (buffered)
         if msg is None:
             return 0  # the stub closed our stdin: a clean stop
         meta = p.unpackb(msg[0])
-        request = {"params": meta.get("p") or {}}
-        if aggregation:
-            request["items"] = msg[1:]
+        dl = meta.get("dl")
+        t0 = perf()
+        if isinstance(dl, float) and time.monotonic() > dl:
+            # It waited in the pipe behind other requests for longer than it had left.
+            answer = [p.packb({"ok": False, "code": DEADLINE_CODE, "err": "its deadline passed while it waited"})]
         else:
-            request["data"] = msg[1] if len(msg) > 1 else b""
-        t0 = time.perf_counter()
-        try:
-            data, ct, info = _result(fn(request), p.MAX_FRAME)
-            head = p.packb({"ok": True, "ct": ct, "info": info, "run_s": time.perf_counter() - t0})
-            if len(head) > p.MAX_BODY // 2:
-                raise ValueError(f"the worker's info takes {len(head)} bytes once packed; keep it small")
-        except Exception as e:  # the callable's failure is the request's answer, not ours
-            send([p.packb({"ok": False, "err": _sentence(e)})])
-            continue
-        send([head, data])
+            request = {"params": meta.get("p") or {}}
+            if aggregation:
+                request["items"] = msg[1:]
+            else:
+                request["data"] = msg[1] if len(msg) > 1 else b""
+            try:
+                data, ct, info = _result(fn(request), p.MAX_FRAME)
+                head = p.packb({"ok": True, "ct": ct, "info": info, "run_s": perf() - t0})
+                if len(head) > p.MAX_BODY // 2:
+                    raise ValueError(f"the worker's info takes {len(head)} bytes once packed; keep it small")
+                answer = [head, data]
+            except Exception as e:  # the callable's failure is the request's answer, not ours
+                answer = [p.packb({"ok": False, "err": _sentence(e)})]
+        _write_all(wfd, pack_message(answer))
 
 
 def main() -> int:
@@ -419,11 +496,13 @@ def main() -> int:
     os.dup2(null, 0)
     os.close(null)
     os.dup2(2, 1)
-    with os.fdopen(rfd, "rb") as rf, os.fdopen(wfd, "wb") as wf:
+    with os.fdopen(rfd, "rb", buffering=_READ_BUFFER) as rf:
         try:
-            return _serve(rf, wf)
+            return _serve(rf, wfd)
         except (PipeError, BrokenPipeError):
             return 2  # the stub went away or spoke nonsense: nothing left to serve
+        finally:
+            os.close(wfd)
 
 
 if __name__ == "__main__":

@@ -278,3 +278,54 @@ def test_aggregation_gets_every_input_frame():
                 assert r.data == b"d"
 
     run(main())
+
+
+def test_put_goes_only_to_a_worker_on_the_cache_node():
+    async def main():
+        async with TaskPeer() as peer:
+            a = peer.add_worker("n1")
+            b = peer.add_worker("n2", q=20)
+            seen: dict = {}
+            run_task, reply = peer._run, peer._reply
+
+            async def spy(sock, ident, worker, body, extra):
+                seen[worker.id] = body.get("put")
+                await run_task(sock, ident, worker, body, extra)
+
+            def stored(sock, ident, body, extra=()):
+                # The real stub says so when it wrote the result into a cache instance of its node.
+                if body.get("ok") and seen.get(a) is not None:
+                    body = {**body, "stored": True}
+                reply(sock, ident, body, extra)
+
+            peer._run, peer._reply = spy, stored
+            async with frontend(peer) as (_, _, tasks):
+                await until(lambda: tasks.load(b) >= 20, what="the beaconed queue of b")
+                put = {"w": "transend/cache@n1#9", "k": "r:key", "data": peer.endpoints["n1"], "meta": {"v": 1}}
+                r = await tasks.call([b"x"], put=put)
+                assert r.worker == a and r.stored is True
+                assert seen[a] == {"w": "transend/cache@n1#9", "k": "r:key", "meta": {"v": 1}}
+                # The cache's node has no worker: nobody is asked to store (the front end puts it itself).
+                peer.set(a, q=50)
+                peer.set(b, q=0)
+                await until(lambda: tasks.load(a) >= 50 and tasks.load(b) == 0, what="the new beaconed queues")
+                seen.clear()
+                r = await tasks.call([b"y"], put=put)
+                assert r.worker == b and r.stored is False and seen == {b: None}
+
+    run(main())
+
+
+def test_many_timeouts_share_one_timer():
+    async def main():
+        async with TaskPeer() as peer:
+            peer.add_worker("n1", silent=True)
+            async with frontend(peer, timeout=0.2, late_grace=0.2, attempts=1) as (_, plane, tasks):
+                calls = [asyncio.ensure_future(tasks.call([b"%d" % i])) for i in range(50)]
+                results = await asyncio.gather(*calls, return_exceptions=True)
+                assert all(isinstance(r, TaskTimeout) for r in results)
+                await until(lambda: plane.statistics()["inflight"] == 0, what="the lost requests settled")
+                s = plane.statistics()
+                assert s["timeouts"] == 50 and s["lost"] == 50 and not plane._dues
+
+    run(main())

@@ -494,6 +494,153 @@ def test_gives_up_when_the_worker_cannot_be_restarted(factory, arun, tmp_path, c
     gave_up[0].expected = True
 
 
+# -- requests written ahead to a quick worker, replies at the HWM ------------------------------
+
+
+async def _warm(e, w: str, n: int = 3) -> None:
+    """A few answered requests: the instance's cost is measured, so the next ones may be written ahead."""
+    for i in range(n):
+        ok_data(await e.client.call(w, f"warm-{i}", b"w"))
+    assert e.row(w)["cost"] > 0
+
+
+def test_a_quick_worker_gets_requests_written_ahead_in_order(factory, arun, monkeypatch):
+    import nodes.stub as stub_module
+
+    monkeypatch.setattr(stub_module, "PIPELINE_AHEAD", 60.0)  # whatever this machine's speed
+
+    async def main():
+        async with env(factory, queue_limit=512) as e:
+            await e.spawn("bare", "bare")
+            w = wid("bare")
+            await _warm(e, w)
+            inst = e.stub._workers[w]
+            deepest = []
+            send_many = inst.pipe.send_many
+
+            def spy(batch):
+                send_many(batch)
+                deepest.append(len(inst.inflight))
+
+            inst.pipe.send_many = spy
+            for i in range(200):
+                await e.client.send(w, i, b"%d" % i)
+            for i in range(200):
+                assert ok_data(await e.client.reply(i)) == b"%d" % i
+            assert e.client.order[3:] == list(range(200))
+            assert max(deepest) > 1, "never more than one request written ahead"
+            assert max(deepest) <= stub_module.PIPELINE_MAX
+            row = e.row(w)
+            assert row["done"] == 203 and row["q"] == 0 and row["busy"] == 0 and row["crashes"] == 0
+
+    arun(main())
+
+
+def test_kill_9_with_requests_written_ahead(factory, arun, tmp_path, monkeypatch):
+    import nodes.stub as stub_module
+
+    monkeypatch.setattr(stub_module, "PIPELINE_AHEAD", 60.0)
+    gate = tmp_path / "gate"
+
+    async def main():
+        async with env(factory) as e:
+            first = (await e.spawn("echo", "echo"))["pid"]
+            w = wid("echo")
+            await _warm(e, w)
+            await e.client.send(w, "held", b"h", params={"gate": str(gate)})
+            for rid in ("a", "b", "c"):
+                await e.client.send(w, rid, rid.encode())
+            inst = e.stub._workers[w]
+            await until(lambda: len(inst.inflight) == 4, what="four requests written to the process")
+            assert e.row(w)["q"] == 3 and e.row(w)["busy"] == 1
+            os.kill(first, signal.SIGKILL)
+            gate.touch()
+            msg = await e.client.reply("held")
+            assert ok_data(msg) == b"h" and msg.body["info"]["pid"] != first  # run again by the new process
+            for rid in ("a", "b", "c"):
+                assert ok_data(await e.client.reply(rid)) == rid.encode()
+            assert e.client.order[3:] == ["held", "a", "b", "c"]
+            row = e.row(w)
+            assert row["crashes"] == 1 and row["done"] == 7 and row["failed"] == 0
+            assert e.stub.statistics()["worker_crashed"] == 0
+
+    arun(main())
+
+
+def test_a_request_written_ahead_keeps_its_deadline(factory, arun, tmp_path, monkeypatch):
+    import nodes.stub as stub_module
+
+    monkeypatch.setattr(stub_module, "PIPELINE_AHEAD", 60.0)
+    gate = tmp_path / "gate"
+
+    async def main():
+        async with env(factory) as e:
+            await e.spawn("echo", "echo")
+            w = wid("echo")
+            await _warm(e, w)
+            await e.client.send(w, "held", b"h", params={"gate": str(gate)})
+            sent = time.monotonic()
+            await e.client.send(w, "late", b"x", dl=0.05)
+            await e.client.send(w, "patient", b"x", dl=60)
+            inst = e.stub._workers[w]
+            await until(lambda: len(inst.inflight) == 3, what="three requests written to the process")
+            await until(lambda: time.monotonic() > sent + 0.2, what="the deadline of 'late' to pass")
+            gate.touch()
+            assert ok_data(await e.client.reply("held")) == b"h"
+            assert err_code(await e.client.reply("late")) == "deadline"
+            assert ok_data(await e.client.reply("patient")) == b"x"
+            assert e.stub.statistics()["deadline"] == 1 and e.row(w)["failed"] == 0
+
+    arun(main())
+
+
+class _FullLoop:
+    """A PlaneLoop whose data ROUTER has no room for anyone while ``full``."""
+
+    def __init__(self):
+        self.full = True
+        self.sent: list = []
+
+    def send(self, sock, frames) -> bool:
+        if self.full:
+            return False
+        self.sent.append(frames)
+        return True
+
+
+class _OpenSocket:
+    closed = False
+
+
+class _FullLink:
+    data_endpoint = "tcp://127.0.0.1:1"
+
+    def __init__(self):
+        self.loop = _FullLoop()
+        self.data = _OpenSocket()
+
+
+def test_replies_wait_for_room_at_the_hwm():
+    async def main():
+        link = _FullLink()
+        stub = WorkerStub(FakeNode(transport=link), link)
+        try:
+            for rid, peer in ((1, b"\x01a"), (2, b"\x01a"), (3, b"\x01b")):
+                stub._reply(peer, rid, {"rid": rid, "ok": True})
+            s = stub.statistics()
+            assert s["replies_parked"] == 3 and s["replies"] == 0 and s["replies_dropped"] == 0
+            link.loop.full = False
+            await until(lambda: stub.statistics()["replies"] == 3, what="the parked replies to leave")
+            to_a = [p.decode(f[1:]).body["rid"] for f in link.loop.sent if f[0] == b"\x01a"]
+            assert to_a == [1, 2]  # in order per peer
+            stub._reply(b"\x01a", 4, {"rid": 4, "ok": True})  # nothing parked any more: straight out
+            assert stub.statistics()["replies"] == 4 and stub.statistics()["replies_parked"] == 3
+        finally:
+            await stub.close()
+
+    asyncio.run(asyncio.wait_for(main(), 30))
+
+
 # -- reap, stop, close -----------------------------------------------------------------------
 
 
@@ -630,11 +777,12 @@ def test_results_written_into_local_and_remote_caches(factory, arun):
                 a.stub.cache(SVC, local, 10_000)
                 b.stub.cache(SVC, remote, 10_000)
                 msg = await a.client.call(wid("echo"), 1, b"result-1", put={"w": local, "k": "k1"})
-                assert ok_data(msg) == b"result-1"
+                assert ok_data(msg) == b"result-1" and msg.body["stored"] is True  # written before the answer
                 got = await a.client.call(local, 2, op="get", k="k1")
                 assert got.extra == [b"result-1"] and got.body["meta"] == {"content_type": "application/octet-stream"}
                 put = {"w": remote, "k": "k2", "data": b.link.data_endpoint, "meta": {"v": 2}}
-                assert ok_data(await a.client.call(wid("echo"), 3, b"result-2", put=put)) == b"result-2"
+                msg = await a.client.call(wid("echo"), 3, b"result-2", put=put)
+                assert ok_data(msg) == b"result-2" and "stored" not in msg.body  # another node: after the answer
                 await until(lambda: b.row(remote).get("done") == 1, what="the remote put")
                 got = await b.client.call(remote, 4, op="get", k="k2")
                 assert got.extra == [b"result-2"] and got.body["meta"]["v"] == 2
