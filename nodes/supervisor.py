@@ -228,13 +228,7 @@ class Supervisor:
         an earlier supervisor and still running (adopt it instead), raises
         :class:`SupervisorError`: a process never runs twice.
         """
-        if not self._started:
-            raise SupervisorError("supervisor not started: await start() first")
-        self._check_name(name)
-        task = self._tasks.get(name)
-        if task is not None and not task.done():
-            raise SupervisorError(f"process {name!r} is already supervised")
-        rec = self._read_record(name)
+        rec = self._claim(name)
         if rec is not None and _same_process(rec.get("pid"), rec.get("start")):
             raise SupervisorError(f"process {name!r} still runs as pid {rec['pid']}, started by an earlier "
                                   f"supervisor: adopt it")
@@ -282,13 +276,7 @@ class Supervisor:
         ``stopped_by_user``: the user had stopped it (a stop cut short): it is
         never restarted, and a live one is left ``stopping`` for :meth:`stop`.
         """
-        if not self._started:
-            raise SupervisorError("supervisor not started: await start() first")
-        self._check_name(name)
-        task = self._tasks.get(name)
-        if task is not None and not task.done():
-            raise SupervisorError(f"process {name!r} is already supervised")
-        rec = self._read_record(name)
+        rec = self._claim(name)
         if rec is None:
             return None
         ps = ProcessState(
@@ -343,6 +331,16 @@ class Supervisor:
         return self.get(name)
 
     # -------------------------------------------------------------- internals
+
+    def _claim(self, name: str) -> dict | None:
+        """Checks before supervising ``name``: started, a good name, not supervised already; its record."""
+        if not self._started:
+            raise SupervisorError("supervisor not started: await start() first")
+        self._check_name(name)
+        task = self._tasks.get(name)
+        if task is not None and not task.done():
+            raise SupervisorError(f"process {name!r} is already supervised")
+        return self._read_record(name)
 
     @staticmethod
     def _check_name(name: str) -> None:
