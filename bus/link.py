@@ -103,8 +103,9 @@ class NodeLink:
     # -- Transport ------------------------------------------------------------
     @property
     def reports_handshake(self) -> bool:
-        """Whether ``connected`` is called when a new parent connection finishes its handshake."""
-        return self.connected is not None and self.parent_lost is not None
+        """Whether ``connected`` is called when a new parent connection finishes its handshake
+        (with CURVE only: a plain handshake is too quick to be worth an event per connection)."""
+        return self.factory.security is not None and self.connected is not None and self.parent_lost is not None
 
     def connect_parent(self, endpoint: str) -> None:
         self.disconnect_parent()
@@ -132,9 +133,9 @@ class NodeLink:
         if self.parent_lost is None:
             return
         loop = self._mon_loop = asyncio.get_running_loop()
-        events = zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_HANDSHAKE_SUCCEEDED
-        if self.factory.security is not None:
-            events |= _HANDSHAKE_FAILED
+        events = zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
+        if self.factory.security is not None:  # a CURVE handshake is slow enough to time JOINs from
+            events |= _HANDSHAKE_FAILED | zmq.EVENT_HANDSHAKE_SUCCEEDED
         self._monitor = dealer.get_monitor_socket(events)
         self._monitor_fd = self._monitor.getsockopt(zmq.FD)
         loop.add_reader(self._monitor_fd, self._on_monitor)
