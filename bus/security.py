@@ -445,13 +445,12 @@ class Security:
         ``DIR/manager.pub``) and the last keyring pushed (``DIR/authorized.json``)."""
         d = Path(key_dir).expanduser().absolute()  # passed on to the processes a node runs, in other cwds
         ident = d / IDENTITY_FILE
-        if not ident.exists() and _create_exclusively(ident, name or _socket.gethostname()):
-            public = read_key_file(ident)[0]
-            pair = KeyPair(public)
-            log.warning("created key %s (sha256 %s) in %s; unless it is pre-authorized, the manager admits it "
-                        "after `bus-ctl keys accept %s`", pair.fingerprint, fingerprint(pair.public, True), d,
-                        pair.fingerprint)
+        created = not ident.exists() and _create_exclusively(ident, name or _socket.gethostname())
         public, secret, _ = read_key_file(ident)
+        if created:
+            fp = fingerprint(public)
+            log.warning("created key %s (sha256 %s) in %s; unless it is pre-authorized, the manager admits it "
+                        "after `bus-ctl keys accept %s`", fp, fingerprint(public, True), d, fp)
         if manager_key is None:
             if not (d / MANAGER_PUB).is_file():
                 raise SecurityError(f"no manager key: copy the manager's manager.pub to {d / MANAGER_PUB} "

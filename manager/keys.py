@@ -441,7 +441,7 @@ def local_cluster_keys(state_dir) -> dict:
 
     ``STATE/keys`` (the manager's store), ``STATE/nodes/keys`` (the local nodes' shared
     key pair, the manager key and the keyring), ``STATE/frontends/keys`` and
-    ``STATE/client.key`` (bus-ctl).  Returns those paths.
+    ``STATE/client.key`` (bus-ctl).  Returns those paths, the manager key (z85) and its fingerprint.
     """
     sdir = Path(state_dir)
     store = KeyStore(sdir / "keys")
@@ -465,4 +465,4 @@ def local_cluster_keys(state_dir) -> dict:
     for d in dirs.values():  # every process starts with the whole keyring: no refused joins at start
         atomic_write(d / CACHE_FILE, ring)
     return {"keys": str(store.path), **{k: str(v) for k, v in dirs.items()}, "client_key": str(sdir / CLIENT_KEY),
-            "manager_key": encode_key(mk)}
+            "manager_key": encode_key(mk), "fingerprint": fingerprint(mk)}

@@ -348,14 +348,13 @@ def start_manager(
         insecure = _insecure(sdir)
     keys = None
     if not insecure:
-        from bus.security import SecurityError, fingerprint, load_public_key
+        from bus.security import SecurityError
         from manager.keys import local_cluster_keys
 
         try:
             keys = local_cluster_keys(sdir)
         except (SecurityError, OSError) as e:
             raise ClusterError(f"cannot make the cluster's keys in {sdir}: {e}") from e
-        keys["fingerprint"] = fingerprint(load_public_key(keys["manager_key"]))
     argv = [*(manager_argv or MANAGER_ARGV), "--control", control, "--data", data, "--state-dir", str(sdir),
             "--max-children", str(max_children), "--policy", policy,
             *(["--insecure"] if insecure else ["--keys", str(sdir / "keys")])]
