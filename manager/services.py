@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 SUBSCRIPTION_TTL = 5.0  # a front end renews every 2 s
 SPAWN_TIMEOUT = 20.0
+SETTLE_CAP = 10  # report periods after a manager (re)start after which a missing node no longer holds scaling
 # Time constant of the queue smoothing: two reports (0.25 s apart) of a real burst cross H,
 # one spike does not; D keeps a burst from spawning more than one worker per D.
 SMOOTHING = 0.5
@@ -243,9 +244,22 @@ class ServiceManager:
         if now - self._started < self.report_ttl * 1.5:
             return  # after a (re)start, let the stubs report before judging the pool
         for svc in list(self.services.values()):
+            if not self._settled(svc, now):
+                continue
             self._keep_caches(svc)
             for cls in svc.classes.values():
                 self._scale(svc, cls, now)
+
+    def _settled(self, svc: _Service, now: float) -> bool:
+        """Whether ``svc``'s pool can be judged: after a (re)start of the manager, every node of the
+        service is back in the tree and has had time to report (its workers run there still: judging
+        earlier would spawn minimums and caches twice), or ``SETTLE_CAP`` report periods have passed
+        (a node that does not come back must not freeze the service)."""
+        if now - self._started > SETTLE_CAP * self.report_ttl:
+            return True
+        since = {m.name: m.since for m in self.mgr.membership.alive() if m.name}
+        nodes = {n for names in (*svc.main.values(), *svc.overflow.values()) for n in names}
+        return all(n in since and now - since[n] >= self.report_ttl * 1.5 for n in nodes)
 
     def _expire(self, now: float) -> None:
         for iid, inst in list(self.instances.items()):

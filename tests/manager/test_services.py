@@ -28,7 +28,7 @@ class FakeMgr:
     def __init__(self, nodes):
         self.calls = []
         self.sent = []
-        self.membership = SimpleNamespace(alive=lambda: [SimpleNamespace(name=n) for n in nodes])
+        self.membership = SimpleNamespace(alive=lambda: [SimpleNamespace(name=n, since=-1e9) for n in nodes])
         self.root = SimpleNamespace(node_id=1, ask=self._ask)
         self.link = SimpleNamespace(send_child=lambda ident, frames: self.sent.append(ident) or True)
 
@@ -166,3 +166,40 @@ def test_a_disabled_class_is_reaped_and_not_spawned_until_enabled():
     assert [node for node, op, _ in mgr.calls if op == "svc.spawn"] == ["a"]
     with pytest.raises(LookupError, match="no worker class 'nope'"):
         sm.set_enabled("tr", "nope", False)
+
+
+def test_after_a_restart_the_pool_is_judged_once_every_node_is_back_and_had_time_to_report():
+    """A restarted manager must not spawn minimums (or caches) that still run on nodes still rejoining."""
+    clock = Clock()
+    back = {"a": None, "b": None, "o": None}  # when each node registered again; None: not yet
+    mgr = FakeMgr([])
+    mgr.membership = SimpleNamespace(alive=lambda: [SimpleNamespace(name=n, since=t) for n, t in back.items()
+                                                    if t is not None])
+    sm = ServiceManager(mgr, report_ttl=2.0, beacon_interval=0.5, clock=clock)
+    sm.register("app", SVC, {"workers": ["a", "b"]}, {"workers": ["o"]})
+    clock.t += 3.5  # past the fixed start-up grace, but node b has not rejoined yet
+    back["a"] = back["o"] = clock.t - 3.5
+    run_tick(sm)
+    assert mgr.calls == []
+    back["b"] = clock.t  # b is back: it still needs a report period
+    clock.t += 1.0
+    run_tick(sm)
+    assert mgr.calls == []
+    clock.t += 2.5
+    run_tick(sm)
+    assert sorted(op for _, op, _ in mgr.calls) == ["svc.cache", "svc.spawn"]  # nobody reported: judged now
+
+
+def test_a_node_that_never_comes_back_does_not_hold_scaling_forever():
+    from manager.services import SETTLE_CAP
+
+    clock = Clock()
+    mgr = FakeMgr(["a"])  # b never comes back
+    sm = ServiceManager(mgr, report_ttl=2.0, beacon_interval=0.5, clock=clock)
+    sm.register("app", SVC, {"workers": ["a", "b"]}, {"workers": []})
+    clock.t += 5
+    run_tick(sm)
+    assert mgr.calls == []
+    clock.t += SETTLE_CAP * 2.0
+    run_tick(sm)
+    assert sorted(op for _, op, _ in mgr.calls) == ["svc.cache", "svc.spawn"]
