@@ -63,6 +63,7 @@ class NodeLink:
         self.heard_parent: Callable[[], None] | None = None
         self.parent_lost: Callable[[], None] | None = None
         self.connect_refused: Callable[[], None] | None = None
+        self.reached: Callable[[], None] | None = None  # the parent accepted the TCP connection (CURVE only)
         self.connected: Callable[[], None] | None = None  # the parent connection's handshake completed
         self._last_beat = b""
         self._monitor = None
@@ -101,12 +102,6 @@ class NodeLink:
             pass  # not registered (any more)
 
     # -- Transport ------------------------------------------------------------
-    @property
-    def reports_handshake(self) -> bool:
-        """Whether ``connected`` is called when a new parent connection finishes its handshake
-        (with CURVE only: a plain handshake is too quick to be worth an event per connection)."""
-        return self.factory.security is not None and self.connected is not None and self.parent_lost is not None
-
     def connect_parent(self, endpoint: str) -> None:
         self.disconnect_parent()
         self.dealer = self.factory.control_dealer(endpoint, _identity())
@@ -135,7 +130,7 @@ class NodeLink:
         loop = self._mon_loop = asyncio.get_running_loop()
         events = zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECT_RETRIED
         if self.factory.security is not None:  # a CURVE handshake is slow enough to time JOINs from
-            events |= _HANDSHAKE_FAILED | zmq.EVENT_HANDSHAKE_SUCCEEDED
+            events |= _HANDSHAKE_FAILED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_CONNECTED
         self._monitor = dealer.get_monitor_socket(events)
         self._monitor_fd = self._monitor.getsockopt(zmq.FD)
         loop.add_reader(self._monitor_fd, self._on_monitor)
@@ -153,7 +148,7 @@ class NodeLink:
 
     def _on_monitor(self) -> None:
         mon = self._monitor
-        lost = refused = joined = False
+        lost = refused = reached = joined = False
         while mon is not None and not mon.closed and mon.getsockopt(zmq.EVENTS) & zmq.POLLIN:
             try:
                 event = mon.recv_multipart(zmq.NOBLOCK)
@@ -162,10 +157,13 @@ class NodeLink:
             kind = int.from_bytes(event[0][:2], "little")
             lost = lost or kind == zmq.EVENT_DISCONNECTED
             refused = refused or kind == zmq.EVENT_CONNECT_RETRIED
+            reached = reached or kind == zmq.EVENT_CONNECTED
             joined = joined or kind == zmq.EVENT_HANDSHAKE_SUCCEEDED
             if kind & _HANDSHAKE_FAILED:  # the server refused our key (or we pinned the wrong one)
                 refused = True
                 self._handshake_failed(kind, event)
+        if reached and self.reached is not None:
+            self.reached()
         if joined and self.connected is not None:
             self.connected()
         if lost:

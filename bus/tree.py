@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 
 ROOT_ID = 1  # the manager is always node 1
 MAX_LEVELS = 64  # no real tree is deeper: a route change that climbed further is circling a loop
-HANDSHAKE_ALLOWANCE = 4  # join timeouts a JOIN may wait for its connection's handshake (see connected())
+HANDSHAKE_ALLOWANCE = 4  # join timeouts a JOIN may wait for its connection's handshake (see reached())
 
 DETACHED, JOINING, ATTACHED, STOPPED = "detached", "joining", "attached", "stopped"
 
@@ -227,13 +227,9 @@ class TreeNode(Convergecast):
             "pid": os.getpid(),
         }
         self.transport.send_parent(p.encode(p.MsgType.JOIN, body, src=self.node_id))
-        wait = self.config.join_timeout
-        if getattr(self.transport, "reports_handshake", False):
-            # The JOIN leaves once the connection's handshake is done, and connected() then
-            # gives the answer join_timeout.  A CURVE handshake in a join storm can queue
-            # behind a thousand others: timing it out would only add one more to the queue.
-            wait *= HANDSHAKE_ALLOWANCE
-        self._join_deadline = now + wait
+        # A candidate that cannot even be reached (dead, or cut off) is given up after
+        # join_timeout; one that answered the TCP connect gets longer (see reached()).
+        self._join_deadline = now + self.config.join_timeout
         self._join_at = None
 
     def routes_ids(self) -> list:
@@ -414,6 +410,18 @@ class TreeNode(Convergecast):
         """
         if self.state == ATTACHED and not self.is_root:
             self._orphan(self.clock(), "closed the connection")
+
+    def reached(self) -> None:
+        """The candidate parent accepted the TCP connection; its CURVE handshake is under way.
+
+        The JOIN leaves once the handshake is done, and connected() then gives the answer
+        join_timeout.  A handshake in a join storm can queue behind a thousand others: timing
+        it out would only add one more to the queue, so it may take HANDSHAKE_ALLOWANCE
+        join timeouts.  A candidate that never answers the TCP connect (dead or cut off) is
+        not waited for beyond the first join_timeout.
+        """
+        if self.state == JOINING and self._join_deadline is not None:
+            self._join_deadline = self.clock() + self.config.join_timeout * HANDSHAKE_ALLOWANCE
 
     def connected(self) -> None:
         """The candidate parent's connection finished its handshake: the JOIN is on its way,

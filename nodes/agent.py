@@ -126,6 +126,7 @@ class NodeHost:
             link.heard_parent = node.heard_parent
             link.parent_lost = node.parent_lost
             link.connect_refused = node.connect_refused
+            link.reached = node.reached
             link.connected = node.connected
             self.links.append(link)
             self.nodes.append(node)
