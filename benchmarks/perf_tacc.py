@@ -62,8 +62,9 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks import tacc_workers  # noqa: E402
 from bus.planes import PlaneLoop, SocketFactory, new_context  # noqa: E402
-from frontends.dispatch import (NO_WORKERS, TRANSFORMATION, BeaconClient, DataPlane, NoWorkerAvailable,  # noqa: E402
-                                TaskClient, WorkerRow)  # fmt: skip
+from frontends.beacon import TRANSFORMATION, BeaconClient, WorkerRow  # noqa: E402
+from frontends.dataplane import DataPlane  # noqa: E402
+from frontends.dispatch import NO_WORKERS, NoWorkerAvailable, TaskClient  # noqa: E402
 from tools import cluster, state  # noqa: E402
 
 ROWS: list[tuple] = []

@@ -63,6 +63,13 @@ __all__ = [
     "DEFAULT_TTL",
     "DATA_PLANE_MIN",
     "MsgType",
+    "NO_SUCH_WORKER",
+    "OVERLOADED",
+    "DEADLINE",
+    "WORKER_CRASHED",
+    "FAILED",
+    "NO_INPUT",
+    "TASK_CODES",
     "Flag",
     "Plane",
     "Message",
@@ -131,6 +138,18 @@ class MsgType(IntEnum):
     CHUNK_REQUEST = 67
     CHUNK = 68
     CREDIT = 69
+
+
+# The ``code`` of a failed TASK_REPLY (docs/services.md): what the worker stub answers
+# instead of a result.  Owned here; the stub (nodes.instance) answers them and the front
+# ends (frontends.dispatch) act on them.
+NO_SUCH_WORKER = "no_such_worker"
+OVERLOADED = "overloaded"
+DEADLINE = "deadline"
+WORKER_CRASHED = "worker_crashed"
+FAILED = "failed"
+NO_INPUT = "no_input"  # an input named by reference ("in") is not in that cache instance of the node
+TASK_CODES = (NO_SUCH_WORKER, OVERLOADED, DEADLINE, WORKER_CRASHED, FAILED, NO_INPUT)
 
 
 class Flag(IntFlag):

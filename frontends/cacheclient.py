@@ -5,7 +5,7 @@ node, data endpoint).  A key belongs to one instance, chosen on a
 consistent-hash ring (:class:`frontends.hashring.HashRing`) of the instance
 ids, so when an instance joins or leaves only its share of keys moves.  Each
 operation is one ``TASK`` to the instance over the shared
-:class:`~frontends.dispatch.DataPlane` (docs/services.md)::
+:class:`~frontends.dataplane.DataPlane` (docs/services.md)::
 
     TASK       {svc, w: cache id, rid, op: "get"|"put"|"del", k: key, meta?}  (+ value frame for put)
     TASK_REPLY {rid, ok, hit: bool, meta}                                     (+ value frame on a hit)
@@ -32,7 +32,8 @@ from types import MappingProxyType
 from typing import Any, Callable, Mapping
 
 from bus.protocol import MAX_FRAME
-from frontends.dispatch import Beacon, BeaconClient, DataPlane, DispatchError
+from frontends.beacon import Beacon, BeaconClient
+from frontends.dataplane import DataPlane, DispatchError
 from frontends.hashring import HashRing
 
 __all__ = ["CachedEntry", "CacheClient"]

@@ -50,7 +50,7 @@ def _listening(endpoint: str) -> bool:
 
 
 class ManagerWatch:
-    """Watches the beacons of ``beacons`` (a frontends.dispatch.BeaconClient)."""
+    """Watches the beacons of ``beacons`` (a frontends.beacon.BeaconClient)."""
 
     def __init__(self, beacons, *, grace: float = 5.0, backoff: float = 15.0, interval: float = 1.0,
                  clock: Callable[[], float] = time.monotonic):

@@ -55,11 +55,9 @@ from __future__ import annotations
 import asyncio
 import bisect
 import hashlib
-import ipaddress
 import json
 import logging
 import re
-import socket
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Awaitable, Callable
@@ -68,16 +66,18 @@ import aiohttp
 import yarl
 import zmq
 from aiohttp import web
-from aiohttp.abc import AbstractResolver, ResolveResult
 
 from bus.planes import PlaneLoop, SocketFactory, new_context
 from bus.protocol import MAX_EXTRA, MAX_FRAME
 from examples.transend.distill import MAX_ITEMS, DistillError, DistillParams, SheetParams
 from nodes.cachestore import CacheError, CacheStore
 from nodes.worker import tune_allocator
+from frontends.beacon import AGGREGATION, TRANSFORMATION, BeaconClient
 from frontends.cacheclient import CacheClient
-from frontends.dispatch import (AGGREGATION, TRANSFORMATION, BeaconClient, DataPlane, DispatchError, TaskClient,
-                                TaskFailed, TaskResult)  # fmt: skip
+from frontends.dataplane import DataPlane, DispatchError
+from frontends.dispatch import TaskClient, TaskFailed, TaskResult
+from frontends import origins
+from frontends.origins import Original, OriginError, origin_of
 from frontends.profiles import DEFAULTS, MAX_USER_LEN, InvalidProfile, ProfileError, SQLiteProfileStore
 
 __all__ = [
@@ -106,62 +106,6 @@ _SHEET_QUERY = {"cols": "columns", "columns": "columns", "thumb": "thumb", "q": 
 _SERVICE_PATHS = ("/distill", "/sheet")
 #: upper bounds (seconds) of the request latency histogram buckets (one more bucket above the last)
 LATENCY_BOUNDS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0)
-
-
-def origin_of(url: str | yarl.URL) -> str:
-    """``scheme://host:port`` of an http(s) URL (port made explicit); ValueError otherwise."""
-    u = yarl.URL(url) if isinstance(url, str) else url
-    if u.scheme not in ("http", "https") or not u.host:
-        raise ValueError(f"{str(url)!r} is not an absolute http or https URL")
-    return f"{u.scheme}://{u.host.lower()}:{u.port}"
-
-
-def _is_public(address: str) -> bool:
-    """Whether an IP address is a global unicast one (not private, loopback, link-local, reserved...)."""
-    try:
-        ip = ipaddress.ip_address(address.split("%", 1)[0])
-    except ValueError:
-        return False
-    if ip.version == 6 and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped  # ::ffff:127.0.0.1 is loopback, whatever its notation
-    return ip.is_global and not ip.is_multicast
-
-
-class _PrivateAddress(OSError):
-    """An origin host name that resolves only to addresses the front end must not fetch from."""
-
-
-def _default_resolver() -> AbstractResolver:
-    return aiohttp.DefaultResolver()
-
-
-class _PublicResolver(AbstractResolver):
-    """Resolves origin host names to their public addresses only (SSRF through DNS).
-
-    ``localhost`` (and ``*.localhost``) stay allowed: an operator who lists it
-    asked for loopback.  IP literals never get here: aiohttp connects to
-    them directly, and the origin list already named them.
-    """
-
-    def __init__(self, inner: AbstractResolver, allow_private: bool):
-        self._inner = inner
-        self._allow_private = allow_private
-        self.refused = 0
-
-    async def resolve(self, host: str, port: int = 0, family: int = socket.AF_INET) -> list[ResolveResult]:
-        results = await self._inner.resolve(host, port, family)
-        name = host.lower().rstrip(".")
-        if self._allow_private or name == "localhost" or name.endswith(".localhost"):
-            return results
-        public = [r for r in results if _is_public(r["host"])]
-        if not public:
-            self.refused += 1
-            raise _PrivateAddress(f"{host} resolves to {', '.join(sorted({r['host'] for r in results}))}, "
-                                  "which is not a public address")  # fmt: skip
-        return public
-
-    async def close(self) -> None:
-        await self._inner.close()
 
 
 def _digest(*parts: str) -> str:
@@ -255,21 +199,6 @@ class FrontEndConfig:
         return self.attempt_timeout if self.attempt_timeout is not None else self.timeout / 2
 
 
-class _OriginError(Exception):
-    """An origin problem, turned into a fresh HTTP answer by each request that waited on it."""
-
-    def __init__(self, status: int, text: str):
-        super().__init__(text)
-        self.status = status
-        self.text = text
-
-
-@dataclass(frozen=True)
-class _Original:
-    data: bytes
-    content_type: str
-
-
 def _retrieve(fut: asyncio.Future) -> None:
     if not fut.cancelled():
         fut.exception()
@@ -302,7 +231,7 @@ class FrontEnd:
         self.cache: CacheClient | None = None
         self._profiles: SQLiteProfileStore | None = None
         self._session: aiohttp.ClientSession | None = None
-        self._resolver: _PublicResolver | None = None
+        self._resolver: origins.PublicResolver | None = None
         self._background: set[asyncio.Task] = set()
         self._flights: dict[tuple, asyncio.Task] = {}
         # Originals this process fetched or read from the cache: a request for a popular image skips the
@@ -339,7 +268,7 @@ class FrontEnd:
             self.watch.start()
         if cfg.profiles:
             self._profiles = await asyncio.to_thread(SQLiteProfileStore, cfg.profiles)
-        self._resolver = resolver = _PublicResolver(_default_resolver(), cfg.private_origins)
+        self._resolver = resolver = origins.PublicResolver(origins.default_resolver(), cfg.private_origins)
         self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=cfg.fetch_timeout),
                                               connector=aiohttp.TCPConnector(limit=256, resolver=resolver))  # fmt: skip
         self._started = self._clock()
@@ -407,7 +336,7 @@ class FrontEnd:
         self._background.discard(task)
         if not task.cancelled() and task.exception() is not None:
             exc = task.exception()  # retrieved here; waiters re-raise it themselves
-            if not isinstance(exc, (_OriginError, DispatchError)):
+            if not isinstance(exc, (OriginError, DispatchError)):
                 log.error("background task failed", exc_info=exc)
 
     async def _shared(self, key: tuple, make: Callable[[], Awaitable]):
@@ -531,17 +460,17 @@ class FrontEnd:
             self._c["bad_requests"] += 1
             raise _http_error(400, f"{e}\n") from None
 
-    def _local_original(self, key: str) -> _Original | None:
+    def _local_original(self, key: str) -> Original | None:
         """The original of cache key ``key`` if this process holds it (no I/O)."""
         local = self._originals.get(key) if self._originals is not None else None
         if local is None:
             return None
         self._c["original_hits"] += 1
         self._c["original_local_hits"] += 1
-        return _Original(local.data, local.content_type or "application/octet-stream")
+        return Original(local.data, local.content_type or "application/octet-stream")
 
-    async def _original(self, url: str) -> _Original:
-        """The original bytes of ``url``: local LRU, cache, else one shared fetch; raises _OriginError."""
+    async def _original(self, url: str) -> Original:
+        """The original bytes of ``url``: local LRU, cache, else one shared fetch; raises OriginError."""
         key = _original_key(url)
         local = self._local_original(key)
         if local is not None:
@@ -550,7 +479,7 @@ class FrontEnd:
         if hit is not None:
             self._c["original_hits"] += 1
             self._keep_original(key, hit.data, hit.content_type)
-            return _Original(hit.data, hit.content_type)
+            return Original(hit.data, hit.content_type)
         return await self._shared(("o", url), lambda: self._fetch(url))
 
     def _keep_original(self, key: str, data: bytes, ctype: str) -> None:
@@ -560,45 +489,19 @@ class FrontEnd:
             except CacheError:
                 pass  # larger than the whole local store: the cache partition keeps it
 
-    async def _fetch(self, url: str) -> _Original:
-        limit = self.config.max_original
+    async def _fetch(self, url: str) -> Original:
         self._c["origin_fetches"] += 1
         try:
-            async with self._session.get(url, allow_redirects=False) as resp:
-                if resp.status == 404:
-                    raise _OriginError(404, f"the origin has no {url} (404)\n")
-                if resp.status != 200:
-                    raise _OriginError(502, f"the origin answered {resp.status} for {url} "
-                                            "(redirects are not followed)\n")  # fmt: skip
-                if resp.content_length is not None and resp.content_length > limit:
-                    raise _OriginError(413, f"the original {url} is {resp.content_length} bytes; "
-                                            f"the limit is {limit}\n")  # fmt: skip
-                buf = bytearray()
-                async for chunk in resp.content.iter_chunked(1 << 16):
-                    buf += chunk
-                    if len(buf) > limit:
-                        raise _OriginError(413, f"the original {url} is over the limit of {limit} bytes\n")
-                ctype = resp.headers.get("Content-Type", "application/octet-stream")
-        except _OriginError:
+            original = await origins.fetch(self._session, url, limit=self.config.max_original,
+                                           timeout=self.config.fetch_timeout)  # fmt: skip
+        except OriginError as e:
             self._c["origin_errors"] += 1
+            self._c["forbidden"] += e.status == 403
             raise
-        except asyncio.TimeoutError:
-            self._c["origin_errors"] += 1
-            raise _OriginError(504, f"the origin did not send {url} within {self.config.fetch_timeout:g}s\n") from None
-        except aiohttp.ClientConnectorError as e:
-            self._c["origin_errors"] += 1
-            if isinstance(e.os_error, _PrivateAddress):
-                self._c["forbidden"] += 1
-                raise _OriginError(403, f"will not fetch {url}: {e.os_error}\n") from None
-            raise _OriginError(502, f"cannot fetch {url}: {e}\n") from None
-        except aiohttp.ClientError as e:
-            self._c["origin_errors"] += 1
-            raise _OriginError(502, f"cannot fetch {url}: {e}\n") from None
-        data = bytes(buf)
-        self._c["origin_bytes"] += len(data)
-        self._spawn(self.cache.put(_original_key(url), data, {"ct": ctype}))
-        self._keep_original(_original_key(url), data, ctype)
-        return _Original(data, ctype)
+        self._c["origin_bytes"] += len(original.data)
+        self._spawn(self.cache.put(_original_key(url), original.data, {"ct": original.content_type}))
+        self._keep_original(_original_key(url), original.data, original.content_type)
+        return original
 
     def _answer(self, data: bytes, ctype: str, *, cache: str, approx: str | None = None,
                 worker: str | None = None, reason: str | None = None) -> web.Response:  # fmt: skip
@@ -658,7 +561,7 @@ class FrontEnd:
             del self._aliased[next(iter(self._aliased))]
         return True
 
-    async def _approximate(self, alias: str, original: _Original | None, err: DispatchError) -> web.Response:
+    async def _approximate(self, alias: str, original: Original | None, err: DispatchError) -> web.Response:
         """BASE: a cached version made with other parameters, else the original, else 503."""
         pointer = await self.cache.get(alias)
         if pointer is not None:
@@ -671,7 +574,7 @@ class FrontEnd:
         raise _http_error(503, f"no worker could answer ({err.code}) and no approximate version is cached: {err}\n")
 
     async def _dispatch(self, key: str, alias: str, inputs: list[bytes], params: dict, kind: str,
-                        name: str | None, original: _Original | None, source: str | None = None,
+                        name: str | None, original: Original | None, source: str | None = None,
                         probe: bool = False) -> web.Response:  # fmt: skip
         where = (source, original.content_type) if source is not None and original is not None else None
         try:
@@ -724,7 +627,7 @@ class FrontEnd:
             return self._answer(hit.data, hit.content_type, cache="hit")
         try:
             original = await self._original(url)
-        except _OriginError as e:
+        except OriginError as e:
             raise _http_error(e.status, e.text) from None
         return await self._dispatch(key, alias, [original.data], params, TRANSFORMATION, worker, original, source)
 
@@ -744,14 +647,14 @@ class FrontEnd:
             return self._answer(hit.data, hit.content_type, cache="hit")
         fetched = await asyncio.gather(*(self._original(u) for u in urls), return_exceptions=True)
         for item in fetched:
-            if isinstance(item, BaseException) and not isinstance(item, _OriginError):
+            if isinstance(item, BaseException) and not isinstance(item, OriginError):
                 raise item
-        if all(isinstance(item, _OriginError) for item in fetched):
+        if all(isinstance(item, OriginError) for item in fetched):
             first = fetched[0]
             raise _http_error(first.status, first.text)
         # BASE: an image that cannot be fetched becomes an empty input, which
         # the aggregator draws as a crossed-out tile.
-        inputs = [b"" if isinstance(item, _OriginError) else item.data for item in fetched]
+        inputs = [b"" if isinstance(item, OriginError) else item.data for item in fetched]
         return await self._dispatch(key, _alias_key("sheet", urls), inputs, params, AGGREGATION,
                                     self.config.sheet_worker, None)  # fmt: skip
 

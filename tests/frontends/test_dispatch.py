@@ -1,4 +1,4 @@
-"""The front end's dispatch against a real-socket peer (tests/frontends/taskpeer.py)."""
+"""The front end's beacons, data plane and dispatch against a real-socket peer (tests/frontends/taskpeer.py)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ import pytest
 import zmq
 
 from bus.planes import PlaneLoop, SocketFactory
-from frontends.dispatch import (NO_WORKERS, SATURATED, TIMEOUT, BeaconClient, DataPlane, NoWorkerAvailable,
-                                TaskClient, TaskFailed, TaskRejected, TaskTimeout)  # fmt: skip
+from frontends.beacon import BeaconClient
+from frontends.dataplane import DataPlane
+from frontends.dispatch import (NO_WORKERS, SATURATED, TIMEOUT, NoWorkerAvailable, TaskClient, TaskFailed,
+                                TaskRejected, TaskTimeout)  # fmt: skip
 from tests.frontends.taskpeer import TaskPeer
 
 

@@ -38,7 +38,7 @@ __all__ = ["TARGETS", "TWIN_SENSITIVE", "MODULES", "InvariantBroken", "import_al
 #: Every module the targets reach (imported lazily); atheris must import them under instrumentation.
 MODULES = ("bus.planes", "bus.tree", "bus.convergecast", "bus.policy", "bus.transfer", "manager.root",
            "manager.membership", "manager.commands", "manager.spec", "manager.resources", "nodes.packages",
-           "nodes.stub", "nodes.cachestore", "frontends.server", "examples.transend.distill")  # fmt: skip
+           "nodes.stub", "nodes.instance", "nodes.cachestore", "frontends.server", "examples.transend.distill")  # fmt: skip
 
 
 class InvariantBroken(AssertionError):

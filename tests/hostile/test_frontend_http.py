@@ -20,7 +20,7 @@ from aiohttp import web
 from aiohttp.abc import AbstractResolver
 from aiohttp.test_utils import TestClient, TestServer
 
-from frontends import server
+from frontends import origins
 from frontends.profiles import MAX_USER_LEN
 from frontends.server import FrontEnd, FrontEndConfig
 
@@ -66,7 +66,7 @@ async def stack(monkeypatch, *, origin_host: str | None = None, table=None, **co
     """Origin + private server on loopback, a front end allowing only the origin, and an HTTP client."""
     hits: list = []
     resolver = TableResolver(table or {})
-    monkeypatch.setattr(server, "_default_resolver", lambda: resolver)
+    monkeypatch.setattr(origins, "default_resolver", lambda: resolver)
     async with TestServer(counting_app("origin", hits), host="127.0.0.1") as origin, \
             TestServer(counting_app("private", hits), host="127.0.0.1") as private:  # fmt: skip
         origin_url = f"http://{origin_host or '127.0.0.1'}:{origin.port}"
@@ -85,9 +85,9 @@ def test_public_address_check():
     for addr in ("127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254", "0.0.0.0", "::1",
                  "fe80::1", "fc00::1", "::ffff:127.0.0.1", "::ffff:10.0.0.1", "100.64.0.1", "224.0.0.1",
                  "255.255.255.255", "fe80::1%eth0", "not an address"):  # fmt: skip
-        assert not server._is_public(addr), addr
+        assert not origins.is_public(addr), addr
     for addr in ("93.184.216.34", "2606:2800:220:1:248:1893:25c8:1946", "::ffff:93.184.216.34"):
-        assert server._is_public(addr), addr
+        assert origins.is_public(addr), addr
 
 
 def test_resolver_keeps_only_public_addresses():
@@ -95,14 +95,14 @@ def test_resolver_keeps_only_public_addresses():
              "localhost": ["127.0.0.1"], "six.example": ["::1", "fd00::1"]}  # fmt: skip
 
     async def main():
-        r = server._PublicResolver(TableResolver(table), allow_private=False)
+        r = origins.PublicResolver(TableResolver(table), allow_private=False)
         assert [a["host"] for a in await r.resolve("mixed.example", 80)] == ["93.184.216.34"]
         for host in ("meta.example", "six.example"):
-            with pytest.raises(server._PrivateAddress, match="not a public address"):
+            with pytest.raises(origins.PrivateAddress, match="not a public address"):
                 await r.resolve(host, 80)
         assert [a["host"] for a in await r.resolve("localhost", 80)] == ["127.0.0.1"]  # named on purpose
         assert r.refused == 2
-        lax = server._PublicResolver(TableResolver(table), allow_private=True)
+        lax = origins.PublicResolver(TableResolver(table), allow_private=True)
         assert [a["host"] for a in await lax.resolve("meta.example", 80)] == ["169.254.169.254"]
 
     run(main())

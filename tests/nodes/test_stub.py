@@ -505,9 +505,9 @@ async def _warm(e, w: str, n: int = 3) -> None:
 
 
 def test_a_quick_worker_gets_requests_written_ahead_in_order(factory, arun, monkeypatch):
-    import nodes.stub as stub_module
+    import nodes.instance as instance_module
 
-    monkeypatch.setattr(stub_module, "PIPELINE_AHEAD", 60.0)  # whatever this machine's speed
+    monkeypatch.setattr(instance_module, "PIPELINE_AHEAD", 60.0)  # whatever this machine's speed
 
     async def main():
         async with env(factory, queue_limit=512) as e:
@@ -529,7 +529,7 @@ def test_a_quick_worker_gets_requests_written_ahead_in_order(factory, arun, monk
                 assert ok_data(await e.client.reply(i)) == b"%d" % i
             assert e.client.order[3:] == list(range(200))
             assert max(deepest) > 1, "never more than one request written ahead"
-            assert max(deepest) <= stub_module.PIPELINE_MAX
+            assert max(deepest) <= instance_module.PIPELINE_MAX
             row = e.row(w)
             assert row["done"] == 203 and row["q"] == 0 and row["busy"] == 0 and row["crashes"] == 0
 
@@ -537,9 +537,9 @@ def test_a_quick_worker_gets_requests_written_ahead_in_order(factory, arun, monk
 
 
 def test_kill_9_with_requests_written_ahead(factory, arun, tmp_path, monkeypatch):
-    import nodes.stub as stub_module
+    import nodes.instance as instance_module
 
-    monkeypatch.setattr(stub_module, "PIPELINE_AHEAD", 60.0)
+    monkeypatch.setattr(instance_module, "PIPELINE_AHEAD", 60.0)
     gate = tmp_path / "gate"
 
     async def main():
@@ -568,9 +568,9 @@ def test_kill_9_with_requests_written_ahead(factory, arun, tmp_path, monkeypatch
 
 
 def test_a_request_written_ahead_keeps_its_deadline(factory, arun, tmp_path, monkeypatch):
-    import nodes.stub as stub_module
+    import nodes.instance as instance_module
 
-    monkeypatch.setattr(stub_module, "PIPELINE_AHEAD", 60.0)
+    monkeypatch.setattr(instance_module, "PIPELINE_AHEAD", 60.0)
     gate = tmp_path / "gate"
 
     async def main():
