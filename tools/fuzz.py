@@ -189,8 +189,6 @@ def run_target(target: str, twin: str, *, engine: str, seconds: float, examples:
     A child that dies (libFuzzer's timeout or a native crash) is restarted for
     the time left; what killed it becomes a crash entry.
     """
-    crash_dir = out / "crashes" / target / twin
-    corpus = out / "corpus" / target if engine == "atheris" else None
     result = {"target": target, "twin": twin, "inputs": 0, "seconds": 0.0, "known": {}, "crashes": [],
               "coverage": None, "implementation": None}  # fmt: skip
     end = time.monotonic() + seconds

@@ -12,6 +12,31 @@
   A ``TASK`` for a cache instance runs get/put/del on a real
   :class:`nodes.cachestore.CacheStore`.
 
+By default a node is an *older stub* (docs/services.md): it ignores a TASK's
+``put``, ``probe`` and ``in``, never answers ``stored``, so a front end keeps
+putting results itself and sending the input bytes.  ``TaskPeer(stub_cache=True)``
+makes every node behave like the real stub (nodes/stub.py, nodes/instance.py)
+toward the cache instances it hosts:
+
+* ``put: {w, k, meta?}`` naming a cache instance *of the worker's node*: after
+  a successful run the result is stored there (meta plus ``content_type``)
+  before the answer, which then says ``stored: true``; a ``put`` naming a
+  cache instance of another node (with its ``data`` endpoint) is written
+  after the answer, best effort, and the answer has no ``stored``; a ``put``
+  that is not a map with string ``w`` and ``k`` is a bad task (``failed``).
+* ``probe: true`` with a ``put``: if the result is already in that cache
+  instance of this node, it is answered from there at once with ``hit: true``
+  (``ct`` from the entry's metadata, ``info: {}``) whatever the behaviour;
+  nothing runs.
+* ``in: [{w, k}, ...]`` and no input frame: the inputs are read from those
+  cache instances of this node; one that is not there is answered at once
+  ``ok: false, code: no_input``; a malformed ``in`` is a bad task (``failed``).
+
+Every TASK body a worker instance receives is kept in ``_Worker.tasks`` (with
+its input frame count), every handler run is counted in ``_Worker.ran``, the
+cache operations front ends send are logged in ``TaskPeer.cache_ops`` and the
+results a node stored itself in ``TaskPeer.stub_writes``.
+
 Beacon rows carry each worker's real queue (tasks received and not answered
 yet) unless a test pins ``q``.  Everything runs on the caller's asyncio loop;
 ``async with TaskPeer() as peer`` closes every socket and the context.
@@ -30,8 +55,8 @@ import zmq
 
 from bus import protocol
 from bus.planes import PeerUnreachable, Plane, PlaneLoop, SocketFactory, endpoint_of
-from bus.protocol import MsgType
-from nodes.cachestore import CacheStore, EntryTooLarge
+from bus.protocol import MAX_EXTRA, NO_INPUT, MsgType
+from nodes.cachestore import CacheError, CacheStore, EntryTooLarge
 
 __all__ = ["TaskPeer", "Behaviour", "echo", "transend_stack"]
 
@@ -66,14 +91,19 @@ class _Worker:
     queued: int = 0
     received: list = field(default_factory=list)  # rids
     answered: int = 0
+    tasks: list = field(default_factory=list)  # (TASK body, number of input frames), in arrival order
+    ran: int = 0  # handler runs (a probe hit or a no_input answer runs nothing)
 
 
 class TaskPeer:
     """The fake manager + stubs; ``control_endpoint`` is what a front end subscribes to."""
 
-    def __init__(self, svc: str = "transend", *, beacon_interval: float = 0.1):
+    def __init__(self, svc: str = "transend", *, beacon_interval: float = 0.1, stub_cache: bool = False):
         self.svc = svc
         self.beacon_interval = beacon_interval
+        self.stub_cache = stub_cache  # nodes honour put/probe/in as the real stub does (module docstring)
+        self.cache_ops: list[tuple[str, str, str]] = []  # (cache id, op, key) sent by front ends
+        self.stub_writes: list[tuple[str, str, bool]] = []  # (cache id, key, on the worker's own node)
         self.beaconing = True  # False: subscriptions are answered, no BEACON is pushed
         self.answer_subscribe = True
         self.subscribes = 0
@@ -238,8 +268,14 @@ class TaskPeer:
             elif w in self.workers:
                 worker = self.workers[w]
                 worker.received.append(body["rid"])
+                worker.tasks.append((dict(body), len(msg.extra)))
+                inputs = msg.extra
+                if self.stub_cache:
+                    inputs = self._stub_checks(sock, ident, worker, body, msg.extra)
+                    if inputs is None:
+                        continue  # answered by the stub itself: a probe hit, no_input or a bad task
                 worker.queued += 1
-                self._spawn(self._run(sock, ident, worker, body, msg.extra))
+                self._spawn(self._run(sock, ident, worker, body, inputs))
             else:
                 self._reply(sock, ident, {"rid": body.get("rid"), "ok": False, "code": "no_such_worker",
                                           "err": f"no worker {w} here", "q": 0})  # fmt: skip
@@ -250,9 +286,83 @@ class TaskPeer:
         except (PeerUnreachable, ValueError):  # the front end left, or the node was killed
             pass
 
+    # -- the real stub's put / probe / in (stub_cache) ---------------------------------
+    def _local_cache(self, worker: _Worker, cid) -> CacheStore | None:
+        """Cache instance ``cid`` if it is on ``worker``'s node (what the stub's ``_caches`` holds)."""
+        found = self.caches.get(cid) if isinstance(cid, str) else None
+        return found[1] if found is not None and found[0] == worker.node else None
+
+    def _stub_checks(self, sock, ident: bytes, worker: _Worker, body: dict, extra: list) -> list | None:
+        """What nodes/stub.py ``on_task`` does before queueing: the inputs to run on, or None if answered."""
+        rid, put, refs = body.get("rid"), body.get("put"), body.get("in")
+        q = worker.queued
+        if body.get("probe") is True and isinstance(put, dict):
+            store = self._local_cache(worker, put.get("w"))
+            entry = store.get(put["k"]) if store is not None and isinstance(put.get("k"), str) else None
+            if entry is not None:
+                ct = entry.meta.get("content_type") or entry.meta.get("ct") or "application/octet-stream"
+                self._reply(sock, ident, {"rid": rid, "ok": True, "ct": ct, "info": {}, "q": q, "hit": True},
+                            [entry.data])  # fmt: skip
+                return None
+        inputs = list(extra) if refs is None else self._inputs(worker, refs, extra)
+        if inputs is None:
+            self._reply(sock, ident, {"rid": rid, "ok": False, "code": NO_INPUT,
+                                      "err": f"an input of {worker.id} is not in the cache here", "q": q})  # fmt: skip
+            return None
+        problem = None
+        if isinstance(inputs, str):
+            problem = inputs
+        elif put is not None and not (isinstance(put, dict) and isinstance(put.get("w"), str)
+                                      and isinstance(put.get("k"), str)):  # fmt: skip
+            problem = "'put' must be a map with the cache instance 'w' and the key 'k'"
+        if problem is not None:
+            self._reply(sock, ident, {"rid": rid, "ok": False, "code": "failed", "err": f"bad task: {problem}", "q": q})
+            return None
+        return inputs
+
+    def _inputs(self, worker: _Worker, refs, extra: list) -> list | str | None:
+        """The inputs named by ``in`` from the caches of ``worker``'s node; None if one is missing."""
+        if extra or not isinstance(refs, list) or not 1 <= len(refs) <= MAX_EXTRA:
+            return "'in' must list 1 to MAX_EXTRA inputs, and the TASK then carries no input frame"
+        inputs = []
+        for r in refs:
+            if not (isinstance(r, dict) and isinstance(r.get("w"), str) and isinstance(r.get("k"), str)):
+                return "each input of 'in' is a map with the cache instance 'w' and the key 'k'"
+            store = self._local_cache(worker, r["w"])
+            entry = store.get(r["k"]) if store is not None else None
+            if entry is None:
+                return None
+            inputs.append(entry.data)
+        return inputs
+
+    def _stub_write(self, worker: _Worker, put: dict, data: bytes, ct, *, local: bool) -> bool:
+        """Store a result as the stub's ``_cache_write`` does; True when stored in a cache of this node."""
+        meta = dict(put.get("meta") or {}) if isinstance(put.get("meta"), dict) else {}
+        if isinstance(ct, str):
+            meta["content_type"] = ct
+        if local:
+            try:
+                self._local_cache(worker, put["w"]).put(put["k"], data, meta)
+            except (ValueError, TypeError, CacheError):
+                return False
+            self.stub_writes.append((put["w"], put["k"], True))
+            return True
+        # Another node's cache instance, through its data endpoint: after the answer, best effort.
+        endpoint = put.get("data")
+        target = self.caches.get(put["w"])
+        if (isinstance(endpoint, str) and endpoint != self.endpoints[worker.node] and target is not None
+                and self.endpoints.get(target[0]) == endpoint and target[0] in self.nodes):  # fmt: skip
+            try:
+                target[1].put(put["k"], data, meta)
+                self.stub_writes.append((put["w"], put["k"], False))
+            except (ValueError, TypeError, CacheError):
+                pass
+        return False
+
     def _cache_op(self, sock, ident: bytes, body: dict, extra: list) -> None:
         store = self.caches[body["w"]][1]
         op, key, rid = body.get("op"), body.get("k"), body.get("rid")
+        self.cache_ops.append((body["w"], op, key))
         if op == "get":
             entry = store.get(key)
             if entry is None:
@@ -270,6 +380,7 @@ class TaskPeer:
 
     async def _run(self, sock, ident: bytes, worker: _Worker, body: dict, extra: list) -> None:
         b = worker.behaviour
+        put = body.get("put") if self.stub_cache else None
         try:
             if b.delay:
                 await asyncio.sleep(b.delay)
@@ -284,6 +395,7 @@ class TaskPeer:
                     request["items"] = list(extra)
                 else:
                     request["data"] = extra[0] if extra else b""
+                worker.ran += 1
                 try:
                     result = await asyncio.to_thread(b.handler, request)
                     reply = {"rid": rid, "ok": True, "ct": result["content_type"], "info": result.get("info") or {}}
@@ -294,16 +406,25 @@ class TaskPeer:
             worker.queued -= 1
         worker.answered += 1
         reply["q"] = worker.queued
+        local = put is not None and self._local_cache(worker, put["w"]) is not None
+        if reply["ok"] and local and self._stub_write(worker, put, out[0], reply["ct"], local=True):
+            reply["stored"] = True  # written here before the answer: a later get finds it
         self._reply(sock, ident, reply, out)
+        if reply["ok"] and put is not None and not local:
+            self._stub_write(worker, put, out[0], reply["ct"], local=False)  # another node, after the answer
 
 
 @asynccontextmanager
 async def transend_stack(images: Path, db: Path | None = None, *, workers: int = 2, sheet: bool = True,
-                         cache: bool = True, behaviour: dict | None = None, **config):  # fmt: skip
+                         cache: bool = True, behaviour: dict | None = None, stub_cache: bool = False,
+                         cache_node: str = "n1", **config):  # fmt: skip
     """A whole TranSend service in this loop: origin + peer (distill workers, cache) + front end.
 
     Yields ``(client, frontend, peer, origin_url)``; ``client`` is an aiohttp
-    TestClient on the front end.  Workers run the real Pillow distiller.
+    TestClient on the front end.  Workers run the real Pillow distiller, on
+    nodes n1..n<workers> (the sheet worker on n1); the cache instance is on
+    ``cache_node``.  ``stub_cache``: the nodes honour ``put``/``probe``/``in``
+    as the real stub does (:class:`TaskPeer`).
     """
     from aiohttp.test_utils import TestClient, TestServer
 
@@ -311,14 +432,14 @@ async def transend_stack(images: Path, db: Path | None = None, *, workers: int =
     from examples.transend.origin import make_app
     from frontends.server import FrontEnd, FrontEndConfig
 
-    async with TestServer(make_app(images), host="127.0.0.1") as origin, TaskPeer() as peer:
+    async with TestServer(make_app(images), host="127.0.0.1") as origin, TaskPeer(stub_cache=stub_cache) as peer:
         origin_url = str(origin.make_url("")).rstrip("/")
         for i in range(workers):
             peer.add_worker(f"n{i + 1}", handler=distill_worker, **(behaviour or {}))
         if sheet:
             peer.add_worker("n1", "sheet", "aggregation", handler=contact_sheet_worker)
         if cache:
-            peer.add_cache("n1")
+            peer.add_cache(cache_node)
         # Tests check what the cache holds, not its speed: a generous timeout
         # keeps a stall of the shared test machine from turning a hit into a miss.
         config.setdefault("cache_timeout", 0.5)
