@@ -145,7 +145,15 @@ def _env() -> dict:
     return env
 
 
+def _reap_finished() -> None:
+    """Reap the children that died since we last looked (a node or manager killed with
+    ``kill_node`` or ``os.kill``): no zombies pile up in a long-lived caller."""
+    for pid in list(_children):
+        _alive(pid)
+
+
 def _spawn(argv: list[str], log_path: Path) -> dict:
+    _reap_finished()
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as out:
         proc = subprocess.Popen(

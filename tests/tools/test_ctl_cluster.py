@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import socket
 import subprocess
@@ -206,3 +207,21 @@ def test_processes_lists_pid_parent_and_argv():
     mine = [p for p in state.processes() if p[0] == os.getpid()]
     assert len(mine) == 1 and mine[0][1] == os.getppid()
     assert os.path.basename(sys.executable).encode() in os.path.basename(mine[0][2][0])
+
+
+def test_a_child_killed_behind_our_back_is_reaped_at_the_next_spawn(tmp_path):
+    """A manager or node killed with os.kill (as tests and chaos do) is reaped when the next process
+    starts: no zombie, and no Popen of a dead child left for the interpreter's exit to warn about."""
+    first = cluster._spawn(["sleep", "60"], tmp_path / "first.log")
+    second = None
+    try:
+        os.kill(first["pid"], signal.SIGKILL)
+        wait_for(lambda: (state.proc_stat(first["pid"]) or ("?",))[0] == "Z", timeout=5)  # a zombie until reaped
+        second = cluster._spawn(["sleep", "60"], tmp_path / "second.log")
+        assert state.proc_stat(first["pid"]) is None, "the killed child is still a zombie"
+        assert first["pid"] not in cluster._children and cluster._exit_code(first["pid"]) == -signal.SIGKILL
+    finally:
+        for entry in (first, second):
+            if entry is not None and entry["pid"] in cluster._children:
+                cluster._children[entry["pid"]].kill()
+                cluster._children.pop(entry["pid"]).wait()
