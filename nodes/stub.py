@@ -54,23 +54,13 @@ from collections import deque
 
 from bus import protocol as p
 from bus.planes import PlaneError
-from bus.protocol import DEADLINE, FAILED, NO_INPUT, NO_SUCH_WORKER, OVERLOADED, WORKER_CRASHED  # TASK_REPLY codes
+from bus.protocol import DEADLINE, FAILED, NO_INPUT, NO_SUCH_WORKER, OVERLOADED  # TASK_REPLY codes
 from bus.protocol import TASK_CODES as CODES
 from nodes.cachestore import CacheError, CacheStore
 from nodes.instance import COST_ALPHA, _error, _Instance, _Request
 from nodes.worker import KINDS, tune_allocator
 
-__all__ = [
-    "WorkerStub",
-    "SVC_HANDLERS",
-    "NO_SUCH_WORKER",
-    "OVERLOADED",
-    "DEADLINE",
-    "WORKER_CRASHED",
-    "FAILED",
-    "NO_INPUT",
-    "CODES",
-]
+__all__ = ["WorkerStub", "SVC_HANDLERS"]
 
 log = logging.getLogger(__name__)
 

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 import urllib.request
 from collections import Counter
 from pathlib import Path
+
+from tools import state
 
 __all__ = ["ROOT", "TOKEN_VAR", "NODES", "WORKER_NODES", "FRONTEND_NODES", "Cluster", "reap"]
 
@@ -74,17 +75,7 @@ def _tagged(token: str) -> list[int]:
 
 def reap(token: str, timeout: float = 10.0) -> list[int]:
     """SIGKILL every process of run ``token`` until none is left; returns the pids that would not die."""
-    end = time.monotonic() + timeout
-    left = _tagged(token)
-    while left and time.monotonic() < end:
-        for pid in left:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.05)
-        left = _tagged(token)
-    return left
+    return state.kill_until_gone(lambda: _tagged(token), time.monotonic() + timeout)
 
 
 class Cluster:

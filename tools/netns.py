@@ -41,6 +41,7 @@ import time
 from pathlib import Path
 
 from bus.protocol import BusError
+from tools import state
 
 __all__ = ["NetnsError", "Netns", "available", "cleanup_leftovers", "main"]
 
@@ -113,16 +114,7 @@ def _ns_pids(ns: str) -> list[int]:
 
 def _kill_ns_processes(ns: str, deadline: float) -> list[int]:
     """SIGKILL every process inside ``ns`` until none is left or ``deadline``; returns the survivors."""
-    pids = _ns_pids(ns)
-    while pids and time.monotonic() < deadline:
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.02)
-        pids = [p for p in _ns_pids(ns) if _pid_alive(p)]
-    return pids
+    return state.kill_until_gone(lambda: [p for p in _ns_pids(ns) if _pid_alive(p)], deadline, pause=0.02)
 
 
 def _delete(namespaces: list[str], links: list[str]) -> list[str]:

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import time
 from pathlib import Path
 
 __all__ = [
@@ -142,3 +144,18 @@ def pid_alive(pid: int) -> bool:
         return False
     st = proc_stat(pid)
     return st is not None and st[0] not in ("Z", "X", "x")
+
+
+def kill_until_gone(find, deadline: float, pause: float = 0.05) -> list[int]:
+    """SIGKILL every pid ``find()`` returns, again and again, until it returns none or
+    ``time.monotonic()`` passes ``deadline``; returns the pids still there."""
+    left = find()
+    while left and time.monotonic() < deadline:
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(pause)
+        left = find()
+    return left
