@@ -12,7 +12,7 @@ import os
 
 from bus import policy
 from bus import protocol as p
-from bus.tree import ATTACHED, ROOT_ID, OpResult, TreeNode
+from bus.tree import ATTACHED, HANDSHAKE_ALLOWANCE, ROOT_ID, OpResult, TreeNode
 from manager.membership import DEAD, LEFT, UNREACHABLE, Membership
 
 __all__ = ["RootNode", "Outcome"]
@@ -32,6 +32,7 @@ class RootNode(TreeNode):
         self.membership = membership or Membership(ROOT_ID, clock=self.clock)
         self._unicast: dict[int, asyncio.Future] = {}
         self._frontier: dict | None = None  # id -> (depth, children) of the shallowest members with room
+        self._sent: dict[int, tuple[int, float]] = {}  # joiner id -> (member it was sent to, when): not registered yet
         self._controls: dict = {}
         self._open_at = 0.0
         self.on_load_report = None  # manager.services.ServiceManager.on_report
@@ -53,10 +54,14 @@ class RootNode(TreeNode):
         # frontier).  The frontier is rebuilt every 50 ms and its counts bumped
         # per redirect, so a join costs O(frontier), not O(members); a target
         # that filled up meanwhile applies the policy itself and redirects further.
+        # A rebuild counts the joiners already sent to a member and not registered
+        # yet: in a join storm they arrive seconds later (a CURVE handshake each),
+        # and forgetting them sent a third of all joiners to full members, one
+        # more redirect and handshake each.
         now = self.clock()
         k = self.config.max_children
         if self._frontier is None or now - self._open_at > 0.05:
-            self._frontier, self._controls = self._build_frontier(self.membership.open_slots(k))
+            self._frontier, self._controls = self._build_frontier(self._open_slots(k, now))
             self._open_at = now
         pick = policy.shortcut(self._frontier, k, self.config.policy, self.rng, exclude=sub | {jid})
         if pick is None:
@@ -67,7 +72,25 @@ class RootNode(TreeNode):
             del self._frontier[pick]
         else:
             self._frontier[pick] = (depth, kids + 1)
+        if jid:
+            self._sent[jid] = (pick, now)
         return self._controls[pick]
+
+    def _open_slots(self, k: int, now: float) -> dict:
+        """The membership's open slots, less those promised to joiners on their way."""
+        slots = self.membership.open_slots(k)
+        members = self.membership.members
+        wait = self.config.join_timeout * HANDSHAKE_ALLOWANCE
+        for jid, (target, at) in list(self._sent.items()):
+            m = members.get(jid)
+            if (m is not None and m.parent) or now - at > wait:
+                del self._sent[jid]  # registered (wherever it ended up), or gone elsewhere
+            elif target in slots:
+                slot = slots[target]
+                slot[1] += 1
+                if slot[1] >= k:
+                    del slots[target]
+        return slots
 
     @staticmethod
     def _build_frontier(open_slots: dict) -> tuple[dict, dict]:
