@@ -49,6 +49,21 @@ def ids(peer: TaskPeer) -> tuple[str, str]:
     return wid, cid
 
 
+async def first_miss(client, peer: TaskPeer, origin: str, name: str) -> tuple:
+    """The first request for image ``name`` (a miss), once its original and alias are in the node's cache:
+    (worker id, cache id, that cache's store, the worker, url, the original's key, response, body)."""
+    wid, cid = ids(peer)
+    store = peer.cache_store(cid)
+    url = f"{origin}/{name}"
+    okey = _original_key(url)
+    r = await client.get("/distill", params={"url": url, "w": "120"})
+    assert r.status == 200 and r.headers[X_CACHE] == "miss"
+    body = await r.read()
+    await until(lambda: okey in store and (cid, "put", _alias_key("distill", [url])) in peer.cache_ops,
+                what="the original and the alias in the cache")  # fmt: skip
+    return wid, cid, store, peer.workers[wid], url, okey, r, body
+
+
 def expected(original: bytes, params: dict) -> bytes:
     """What the distiller makes of ``original`` with ``params`` (deterministic)."""
     return distill_worker({"data": original, "params": params})["data"]
@@ -107,17 +122,9 @@ def test_probe_hit_is_answered_from_the_cache_without_running_the_worker(images)
 
     async def main():
         async with transend_stack(d, workers=1, stub_cache=True) as (client, fe, peer, origin):
-            wid, cid = ids(peer)
-            store = peer.cache_store(cid)
-            worker = peer.workers[wid]
-            url = f"{origin}/{names[1]}"
-            okey = _original_key(url)
-            r = await client.get("/distill", params={"url": url, "w": "120"})
-            assert r.status == 200 and r.headers[X_CACHE] == "miss"
-            first, ctype = await r.read(), r.headers["Content-Type"]
+            wid, cid, store, worker, url, okey, r, first = await first_miss(client, peer, origin, names[1])
+            ctype = r.headers["Content-Type"]
             key = worker.tasks[0][0]["put"]["k"]
-            await until(lambda: okey in store and (cid, "put", _alias_key("distill", [url])) in peer.cache_ops,
-                        what="the original and the alias in the cache")  # fmt: skip
             gets_before = sum(1 for op in peer.cache_ops if op[1] == "get")
 
             # The identical request: answered by the node from its cache, the worker never runs.
@@ -165,15 +172,7 @@ def test_input_by_reference_missing_on_the_node_is_resent_with_its_bytes(images)
 
     async def main():
         async with transend_stack(d, workers=1, stub_cache=True) as (client, fe, peer, origin):
-            wid, cid = ids(peer)
-            store = peer.cache_store(cid)
-            worker = peer.workers[wid]
-            url = f"{origin}/{names[1]}"
-            okey = _original_key(url)
-            r = await client.get("/distill", params={"url": url, "w": "120"})
-            assert r.status == 200 and r.headers[X_CACHE] == "miss"
-            await until(lambda: okey in store and (cid, "put", _alias_key("distill", [url])) in peer.cache_ops,
-                        what="the original and the alias in the cache")  # fmt: skip
+            wid, cid, store, worker, url, okey, _, _ = await first_miss(client, peer, origin, names[1])
             puts_of_original = peer.cache_ops.count((cid, "put", okey))
             assert store.delete(okey)  # evicted
 
