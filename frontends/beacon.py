@@ -60,6 +60,8 @@ class WorkerRow:
     data: str
     q: float = 0.0
     cost: float = 0.0  # 0: not measured yet
+    r: float | None = None  # queued + running at the stub's last report, not smoothed (None: an older manager)
+    by: tuple = ()  # ((sender identity hex, requests), ...) of those, per front-end connection
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +101,8 @@ class Beacon:
             try:
                 workers.append(WorkerRow(str(row["id"]), str(row.get("w", "")), str(row.get("kind", TRANSFORMATION)),
                                          str(row.get("node", "")), _endpoint(row["data"]),
-                                         _num(row.get("q")), _num(row.get("cost"))))  # fmt: skip
+                                         _num(row.get("q")), _num(row.get("cost")),
+                                         _num(row["r"]) if "r" in row else None, _senders(row.get("by"))))  # fmt: skip
             except (KeyError, TypeError, AttributeError, ValueError):
                 bad += 1
         for row in body.get("caches") or ():
@@ -112,6 +115,12 @@ class Beacon:
     def endpoints(self) -> set[str]:
         """Every data endpoint the beacon names (workers and caches)."""
         return {w.data for w in self.workers} | {c.data for c in self.caches}
+
+
+def _senders(value) -> tuple:
+    if not isinstance(value, dict):
+        return ()
+    return tuple((k, v) for k, v in list(value.items())[:16] if isinstance(k, str) and isinstance(v, int))
 
 
 def _endpoint(value) -> str:

@@ -58,11 +58,12 @@ class Unreachable(DispatchError, ConnectionError):
 
 
 class _Conn:
-    __slots__ = ("sock", "endpoint", "pending", "unlisted_since")
+    __slots__ = ("sock", "endpoint", "identity", "pending", "unlisted_since")
 
-    def __init__(self, sock: zmq.Socket, endpoint: str):
+    def __init__(self, sock: zmq.Socket, endpoint: str, identity: bytes):
         self.sock = sock
         self.endpoint = endpoint
+        self.identity = identity.hex()  # as the stub names this connection in its load reports
         self.pending = 0
         self.unlisted_since: float | None = None
 
@@ -159,12 +160,18 @@ class DataPlane:
     def _conn(self, endpoint: str) -> _Conn:
         conn = self._conns.get(endpoint)
         if conn is None:
-            sock = self._factory.data_dealer(endpoint, _identity("data"))
-            conn = _Conn(sock, endpoint)
+            ident = _identity("data")
+            sock = self._factory.data_dealer(endpoint, ident)
+            conn = _Conn(sock, endpoint, ident)
             self._loop.add(sock, Plane.DATA, lambda batch: self._on_batch(conn, batch), name=endpoint)
             self._conns[endpoint] = conn
             self._c["opened"] += 1
         return conn
+
+    def identity(self, endpoint: str) -> str | None:
+        """The hex identity of our connection to ``endpoint``, as a stub's load report names it (None: none)."""
+        conn = self._conns.get(endpoint)
+        return None if conn is None else conn.identity
 
     def _close(self, conn: _Conn) -> None:
         if self._conns.get(conn.endpoint) is conn:

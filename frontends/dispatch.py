@@ -100,25 +100,24 @@ class TaskResult:
 class _InflightView(Mapping):
     """``worker id -> in-flight count`` read straight from the LoadTable (what ``choose`` needs).
 
-    The beaconed queue of a worker already holds the requests this front end
-    had queued there when it was reported, so adding all of our in-flight
-    count on top would count them twice and send everyone away from a worker
-    the moment it is known (a newly spawned one: herding).  ``choose`` scores
-    ``(queue + extra + 1) * cost``; the extra given here is the part of our
-    in-flight count the beacon cannot hold yet, ``max(0, inflight - queue)``,
-    so the score's queue is ``max(beaconed queue, our in-flight)``.
+    ``choose`` scores ``(queue + in-flight + 1) * cost``.  The queue it is given
+    (the group's ``WorkerLoad.queue``, set by ``TaskClient._on_beacon``) is the
+    others' share of the worker's load: the stub's last report (``r``) less the
+    requests it named as ours (``by``, per front-end connection).  Our own share
+    is then counted here, live and exactly: a worker we are draining looks lighter
+    at once rather than at the next beacon, and a new worker is not counted twice
+    for the requests we already sent it (no herding away from it).  A beacon from
+    a manager that sends no ``r`` gives its smoothed queue less our in-flight count.
     """
 
-    __slots__ = ("_table", "_num", "_queued")
+    __slots__ = ("_table", "_num")
 
-    def __init__(self, table: LoadTable, num: dict[str, int], queued: dict[str, float] | None = None):
+    def __init__(self, table: LoadTable, num: dict[str, int]):
         self._table = table
         self._num = num
-        self._queued = queued if queued is not None else {}
 
     def _extra(self, key, n) -> int:
-        own = self._table.inflight(n)
-        return max(0, own - int(self._queued.get(key, 0)))
+        return self._table.inflight(n)
 
     def get(self, key, default=0):
         n = self._num.get(key)
@@ -165,8 +164,8 @@ class TaskClient:
         self._table = LoadTable()
         self._num: dict[str, int] = {}  # instance id -> LoadTable key (u32, never reused)
         self._next_num = itertools.count(1)
-        self._queued: dict[str, float] = {}  # worker id -> beaconed queue (see _InflightView)
-        self._inflight = _InflightView(self._table, self._num, self._queued)
+        self._others: dict[str, float] = {}  # worker id -> the others' share of its load (see _InflightView)
+        self._inflight = _InflightView(self._table, self._num)
         self._rows: dict[str, WorkerRow] = {}
         self._groups: dict[tuple, list[WorkerLoad]] = {}
         self._fast: dict[tuple, list[tuple]] = {}  # (kind, name) -> (id, queue, cost, LoadTable key) per worker
@@ -187,10 +186,16 @@ class TaskClient:
             if n is None:
                 n = self._num[wid] = next(self._next_num) & 0xFFFFFFFF
                 self._table.add(n)
-            self._table.report(n, min(int(round(row.q)), 0xFFFFFFFF))
+            if row.r is not None:
+                mine = dict(row.by).get(self._plane.identity(row.data), 0) if row.by else 0
+                others = max(0.0, row.r - mine)
+            else:
+                others = max(0.0, row.q - self._table.inflight(n))
+            self._others[wid] = others
+            self._table.report(n, min(int(round(others)), 0xFFFFFFFF))
         self._rows = rows
-        self._queued.clear()
-        self._queued.update((wid, row.q) for wid, row in rows.items())
+        for wid in [w for w in self._others if w not in rows]:
+            del self._others[wid]
         self._groups.clear()
         self._fast.clear()
         self._plane.retain(beacon.endpoints())
@@ -203,7 +208,8 @@ class TaskClient:
             # A worker without a measured cost is assumed as costly as the median one.
             known = [r.cost for r in rows if r.cost > 0]
             default = _stats.median(known) if known else 1.0
-            group = self._groups[key] = [WorkerLoad(r.id, r.q, r.cost if r.cost > 0 else default) for r in rows]
+            group = self._groups[key] = [WorkerLoad(r.id, self._others.get(r.id, r.q), r.cost if r.cost > 0 else default)
+                                         for r in rows]  # fmt: skip
         return group
 
     def workers(self, kind: str | None = None, name: str | None = None) -> list[WorkerRow]:
@@ -216,7 +222,7 @@ class TaskClient:
         return 0 if n is None else self._table.inflight(n)
 
     def load(self, worker_id: str) -> int:
-        """Beaconed queue plus own in-flight count (0 for an unknown worker)."""
+        """The others' share of the worker's load plus our own in-flight count, now (0 for an unknown worker)."""
         n = self._num.get(worker_id)
         return 0 if n is None else self._table.load(n)
 
@@ -224,8 +230,8 @@ class TaskClient:
         """:func:`manager.lbpolicy.choose`'s p2c without exclusions, on precomputed rows (the hot path).
 
         The same decision: two distinct workers drawn at random, the lower
-        ``(queue + extra in-flight + 1) * cost`` wins (ties to the first
-        drawn), with the extra in-flight count of :class:`_InflightView`.
+        ``(others' queue + our in-flight + 1) * cost`` wins (ties to the first
+        drawn), as :class:`_InflightView` explains.
         None when the group has fewer than two workers.
         """
         key = (kind, name)
@@ -240,8 +246,8 @@ class TaskClient:
         i, j = divmod(k, n - 1)
         a, b = rows[i], rows[j + (j >= i)]
         inflight = self._table.inflight
-        sa = (a[1] + max(0, inflight(a[3]) - int(a[1])) + 1.0) * a[2]
-        sb = (b[1] + max(0, inflight(b[3]) - int(b[1])) + 1.0) * b[2]
+        sa = (a[1] + inflight(a[3]) + 1.0) * a[2]
+        sb = (b[1] + inflight(b[3]) + 1.0) * b[2]
         return b[0] if sb < sa else a[0]
 
     def pick(self, kind: str | None = TRANSFORMATION, name: str | None = None,

@@ -52,6 +52,7 @@ class Instance:
     overflow: bool = False
     cache: bool = False
     extra: dict = field(default_factory=dict)
+    by: dict = field(default_factory=dict)  # sender identity (hex) -> requests, at the last report
 
 
 @dataclass
@@ -185,6 +186,9 @@ class ServiceManager:
             tau = cls.config.tau if cls else 1.0
             inst.queue = lbpolicy.Ewma.first(q, now) if inst.queue is None else inst.queue.update(q, now, tau)
             inst.q, inst.busy = int(row.get("q", 0)), int(row.get("busy", 0))
+            by = row.get("by")
+            inst.by = {k: v for k, v in list(by.items())[:16] if isinstance(k, str) and len(k) <= 128
+                       and isinstance(v, int)} if isinstance(by, dict) else {}  # fmt: skip
             inst.cost = float(row.get("cost") or inst.cost)
             if q == 0:
                 inst.idle_since = inst.idle_since or now
@@ -223,7 +227,8 @@ class ServiceManager:
         return {
             "svc": name, "seq": seq,
             "workers": [{"id": i.id, "w": i.w, "kind": i.kind, "node": i.node, "data": i.data,
-                         "q": round(i.queue.value if i.queue else 0.0, 3), "cost": round(i.cost, 5)}
+                         "q": round(i.queue.value if i.queue else 0.0, 3), "cost": round(i.cost, 5),
+                         "r": i.q + i.busy, "by": i.by}
                         for i in rows if not i.cache],
             "caches": [{"id": i.id, "node": i.node, "data": i.data} for i in rows if i.cache],
         }

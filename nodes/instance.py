@@ -40,6 +40,7 @@ __all__ = ["COST_ALPHA"]
 log = logging.getLogger(__name__)
 
 COST_ALPHA = 0.3  # weight of the newest sample in the cost EWMA
+BY_SENDERS = 8  # senders named per instance in a load report (the rest count as others' load)
 PIPELINE_AHEAD = 0.002  # seconds a request may be expected to wait in a worker's pipe behind others
 PIPELINE_MAX = 32  # requests written to one worker process and not answered yet, at most
 MAX_START_FAILURES = 5  # restarts in a row that die before ready: the instance is broken
@@ -134,7 +135,18 @@ class _Instance:
             "svc": self.svc, "id": self.id, "w": self.worker, "kind": self.kind,
             "q": q, "busy": 1 if self.inflight else 0, "cost": self.cost,
             "done": self.done, "failed": self.failed, "crashes": self.crashes, "cache": False,
+            "by": self.by_sender(),
         }  # fmt: skip
+
+    def by_sender(self) -> dict:
+        """``{sender identity (hex): requests}`` of what waits or runs here, the BY_SENDERS largest:
+        a front end subtracts its own share from the beaconed queue and counts it live instead."""
+        counts: dict[bytes, int] = {}
+        for reqs in (self.queue, self.inflight):
+            for req in reqs:
+                counts[req.identity] = counts.get(req.identity, 0) + 1
+        top = sorted(counts.items(), key=lambda kv: -kv[1])[:BY_SENDERS]
+        return {ident.hex(): n for ident, n in top}
 
     def _fail(self, req: _Request, code: str, err: str) -> None:
         self.stub._count(code)

@@ -91,7 +91,7 @@ class _Cache:
         s = self.store.statistics()
         return {
             "svc": self.svc, "id": self.id, "w": CACHE_KIND, "kind": CACHE_KIND, "q": 0, "busy": 0,
-            "cost": self.cost, "done": self.done, "failed": self.failed, "crashes": 0, "cache": True,
+            "cost": self.cost, "done": self.done, "failed": self.failed, "crashes": 0, "cache": True, "by": {},
             "bytes": s.bytes, "hits": s.hits, "misses": s.misses,
         }  # fmt: skip
 

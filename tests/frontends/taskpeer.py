@@ -38,7 +38,9 @@ cache operations front ends send are logged in ``TaskPeer.cache_ops`` and the
 results a node stored itself in ``TaskPeer.stub_writes``.
 
 Beacon rows carry each worker's real queue (tasks received and not answered
-yet) unless a test pins ``q``.  Everything runs on the caller's asyncio loop;
+yet), as ``q`` and ``r``, with its share per sender connection (``by``), as the
+manager passes on the stubs' reports, unless a test pins ``q`` (then it is all
+other front ends' load).  Everything runs on the caller's asyncio loop;
 ``async with TaskPeer() as peer`` closes every socket and the context.
 """
 
@@ -89,6 +91,7 @@ class _Worker:
     node: str
     behaviour: Behaviour
     queued: int = 0
+    by: dict = field(default_factory=dict)  # sender identity (hex) -> its TASKs received and not answered
     received: list = field(default_factory=list)  # rids
     answered: int = 0
     tasks: list = field(default_factory=list)  # (TASK body, number of input frames), in arrival order
@@ -206,8 +209,11 @@ class TaskPeer:
 
     def beacon(self) -> dict:
         """The BEACON body as the manager would send it now."""
+        # A pinned ``q`` stands for other front ends' load: it is the raw load too, named as nobody's.
         workers = [{"id": w.id, "w": w.w, "kind": w.kind, "node": w.node, "data": self.endpoints[w.node],
-                    "q": w.behaviour.q if w.behaviour.q is not None else w.queued, "cost": w.behaviour.cost}
+                    "q": w.behaviour.q if w.behaviour.q is not None else w.queued, "cost": w.behaviour.cost,
+                    "r": w.behaviour.q if w.behaviour.q is not None else w.queued,
+                    "by": {} if w.behaviour.q is not None else dict(w.by)}
                    for w in self.workers.values()]  # fmt: skip
         caches = [{"id": cid, "node": node, "data": self.endpoints[node]}
                   for cid, (node, _) in self.caches.items()]  # fmt: skip
@@ -275,6 +281,7 @@ class TaskPeer:
                     if inputs is None:
                         continue  # answered by the stub itself: a probe hit, no_input or a bad task
                 worker.queued += 1
+                worker.by[ident.hex()] = worker.by.get(ident.hex(), 0) + 1
                 self._spawn(self._run(sock, ident, worker, body, inputs))
             else:
                 self._reply(sock, ident, {"rid": body.get("rid"), "ok": False, "code": "no_such_worker",
@@ -404,6 +411,9 @@ class TaskPeer:
                     reply, out = {"rid": rid, "ok": False, "code": "failed", "err": f"{type(e).__name__}: {e}"}, ()
         finally:
             worker.queued -= 1
+            left = worker.by.pop(ident.hex(), 1) - 1
+            if left:
+                worker.by[ident.hex()] = left
         worker.answered += 1
         reply["q"] = worker.queued
         local = put is not None and self._local_cache(worker, put["w"]) is not None

@@ -11,7 +11,7 @@ import pytest
 import zmq
 
 from bus.planes import PlaneLoop, SocketFactory
-from frontends.beacon import BeaconClient
+from frontends.beacon import Beacon, BeaconClient
 from frontends.dataplane import DataPlane
 from frontends.dispatch import (NO_WORKERS, SATURATED, TIMEOUT, NoWorkerAvailable, TaskClient, TaskFailed,
                                 TaskRejected, TaskTimeout)  # fmt: skip
@@ -118,6 +118,39 @@ def test_choose_spreads_by_inflight_and_beaconed_queue():
                 results = await asyncio.gather(*(tasks.call([b"y"]) for _ in range(5)))
                 assert {r.worker for r in results} == {b}
                 assert tasks.statistics()["ok"] == 9 and plane.statistics()["inflight"] == 0
+
+    run(main())
+
+
+def test_our_share_of_a_beaconed_queue_is_counted_live():
+    """The last beacon says a holds 6 requests, all ours (``by``); once 4 of them are answered, a holds 2 of
+    ours and b 3: the next request goes to a.  Scoring a by its beaconed queue (6, stale until the next
+    beacon) would send it to b: the overshoot that kept a newly spawned worker's queues unbalanced."""
+    async def main():
+        async with TaskPeer(beacon_interval=0.05) as peer:
+            a = peer.add_worker("n1", delay=1.0)
+            async with frontend(peer, timeout=30.0) as (_, plane, tasks):
+                await until(lambda: [w.id for w in tasks.workers()] == [a], what="a beacon with a")
+                calls = [asyncio.ensure_future(tasks.call([b"q%d" % i])) for i in range(4)]  # answered after 1 s
+                await until(lambda: tasks.inflight(a) == 4, what="4 in flight at a")
+                peer.set(a, delay=20.0)
+                calls += [asyncio.ensure_future(tasks.call([b"h%d" % i])) for i in range(2)]  # held
+                mine = lambda: dict(tasks._rows[a].by).get(plane.identity(tasks._rows[a].data))  # noqa: E731
+                await until(lambda: mine() == 6, what="a beacon naming our 6 requests at a")
+                peer.beaconing = False  # from now on the front end's view of a stays: 6, all ours
+                b = peer.add_worker("n2", delay=20.0)
+                tasks._on_beacon(Beacon.parse(peer.beacon(), time.monotonic()))
+                assert tasks._rows[a].r == 6 and mine() == 6 and tasks.load(a) == 6
+                calls += [asyncio.ensure_future(tasks.call([b"b%d" % i])) for i in range(3)]
+                await until(lambda: tasks.inflight(b) == 3, what="3 in flight at b")
+                await asyncio.gather(*calls[:4])  # the 4 quick ones at a are answered
+                assert (tasks.inflight(a), tasks.inflight(b)) == (2, 3) and tasks.load(a) == 2
+                calls.append(asyncio.ensure_future(tasks.call([b"next"])))
+                await until(lambda: tasks.inflight(a) + tasks.inflight(b) == 6, what="the next request sent")
+                assert (tasks.inflight(a), tasks.inflight(b)) == (3, 3)
+                for c in calls:
+                    c.cancel()
+                await asyncio.gather(*calls, return_exceptions=True)
 
     run(main())
 

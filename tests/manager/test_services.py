@@ -68,6 +68,19 @@ def run_tick(sm):
     asyncio.run(go())
 
 
+def test_the_beacon_carries_the_raw_load_and_each_senders_share():
+    """Beside the smoothed queue (scaling), the beacon passes on the last report's queued + running (``r``) and
+    the requests it named per front-end connection (``by``): a front end counts its own share live."""
+    sm, mgr, clock = make()
+    sm.on_report(report("a", [dict(row("tr/distill@a#1", q=5, busy=1), by={"fe1": 4, "fe2": 2})]))
+    sm.on_report(report("a", [dict(row("tr/distill@a#1", q=1, busy=1), by={"fe1": 2})]))
+    (w,) = sm.beacon("tr")["workers"]
+    assert w["r"] == 2 and w["by"] == {"fe1": 2} and w["q"] > 2  # the smoothed queue lags behind
+    sm.on_report(report("a", [dict(row("tr/distill@a#1", q=0, busy=0), by=["not", "a", "map"])]))
+    (w,) = sm.beacon("tr")["workers"]
+    assert w["r"] == 0 and w["by"] == {}
+
+
 def test_minimum_worker_and_cache_are_spawned_on_the_main_pool():
     sm, mgr, clock = make()
     run_tick(sm)

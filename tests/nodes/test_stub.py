@@ -811,13 +811,43 @@ def test_load_report_rows(factory, arun):
             assert set(body) == {"node", "data", "rows"}
             assert body["node"] == "w1" and body["data"] == e.link.data_endpoint
             worker, cache = sorted(body["rows"], key=lambda r: r["cache"])
-            assert set(worker) == {"svc", "id", "w", "kind", "q", "busy", "cost", "done", "failed", "crashes", "cache"}
+            assert set(worker) == {"svc", "id", "w", "kind", "q", "busy", "cost", "done", "failed", "crashes", "cache",
+                                   "by"}  # fmt: skip
+            assert worker["by"] == {}  # nothing waits or runs
             assert worker["svc"] == SVC and worker["id"] == wid("echo") and worker["w"] == "echo"
             assert worker["kind"] == "transformation" and worker["cache"] is False and worker["done"] == 1
             assert 0 < worker["cost"] < 5
             assert set(cache) == set(worker) | {"bytes", "hits", "misses"} and cache["cache"] is True
             p.packb(body)  # it travels as msgpack
             assert e.stub.report()["rows"] == e.stub.list()["instances"]
+
+    arun(main())
+
+
+def test_load_report_names_each_senders_share_of_the_queue(factory, arun, tmp_path):
+    """A row's ``by`` counts what waits or runs per sender (the front end's connection), so a front end
+    can take its own share out of the beaconed load and count it live."""
+    gate = tmp_path / "gate"
+
+    async def main():
+        async with env(factory) as e:
+            await e.spawn("echo", "echo")
+            other = Client(factory, e.link.loop, e.link.data_endpoint)
+            try:
+                for i in range(3):
+                    await e.client.send(wid("echo"), i, b"x", params={"gate": str(gate)})
+                await other.send(wid("echo"), "o", b"y", params={"gate": str(gate)})
+                mine, theirs = e.client.sock.identity.hex(), other.sock.identity.hex()
+                await until(lambda: sum(e.stub.report()["rows"][0]["by"].values()) == 4, what="four requests held")
+                (row,) = e.stub.report()["rows"]
+                assert row["by"] == {mine: 3, theirs: 1} and row["q"] + row["busy"] == 4
+                gate.touch()
+                for rid in (0, 1, 2):
+                    await e.client.reply(rid)
+                await other.reply("o")
+                assert e.stub.report()["rows"][0]["by"] == {}
+            finally:
+                other.close()
 
     arun(main())
 
