@@ -496,7 +496,8 @@ class FrontEnd:
                                            timeout=self.config.fetch_timeout)  # fmt: skip
         except OriginError as e:
             self._c["origin_errors"] += 1
-            self._c["forbidden"] += e.status == 403
+            if e.status == 403:  # a host name that resolves only to private addresses
+                self._c["forbidden"] += 1
             raise
         self._c["origin_bytes"] += len(original.data)
         self._spawn(self.cache.put(_original_key(url), original.data, {"ct": original.content_type}))

@@ -504,10 +504,17 @@ async def _warm(e, w: str, n: int = 3) -> None:
     assert e.row(w)["cost"] > 0
 
 
-def test_a_quick_worker_gets_requests_written_ahead_in_order(factory, arun, monkeypatch):
+@pytest.fixture
+def write_ahead(monkeypatch):
+    """Every measured instance counts as quick, whatever this machine's speed: requests are written ahead."""
     import nodes.instance as instance_module
 
-    monkeypatch.setattr(instance_module, "PIPELINE_AHEAD", 60.0)  # whatever this machine's speed
+    monkeypatch.setattr(instance_module, "PIPELINE_AHEAD", 60.0)
+    return instance_module
+
+
+def test_a_quick_worker_gets_requests_written_ahead_in_order(factory, arun, write_ahead):
+    instance_module = write_ahead
 
     async def main():
         async with env(factory, queue_limit=512) as e:
@@ -536,10 +543,7 @@ def test_a_quick_worker_gets_requests_written_ahead_in_order(factory, arun, monk
     arun(main())
 
 
-def test_kill_9_with_requests_written_ahead(factory, arun, tmp_path, monkeypatch):
-    import nodes.instance as instance_module
-
-    monkeypatch.setattr(instance_module, "PIPELINE_AHEAD", 60.0)
+def test_kill_9_with_requests_written_ahead(factory, arun, tmp_path, write_ahead):
     gate = tmp_path / "gate"
 
     async def main():
@@ -567,10 +571,7 @@ def test_kill_9_with_requests_written_ahead(factory, arun, tmp_path, monkeypatch
     arun(main())
 
 
-def test_a_request_written_ahead_keeps_its_deadline(factory, arun, tmp_path, monkeypatch):
-    import nodes.instance as instance_module
-
-    monkeypatch.setattr(instance_module, "PIPELINE_AHEAD", 60.0)
+def test_a_request_written_ahead_keeps_its_deadline(factory, arun, tmp_path, write_ahead):
     gate = tmp_path / "gate"
 
     async def main():
